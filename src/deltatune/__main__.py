@@ -1,0 +1,5 @@
+import sys
+
+from deltatune.cli.main import main
+
+sys.exit(main())

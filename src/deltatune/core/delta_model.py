@@ -1,0 +1,258 @@
+"""``DeltaModel``: a frozen base model plus named deltas.
+
+A thin facade: it is called exactly like the base model (``model(input_ids=...)`` returns the
+base model's output type) and forwards every other attribute (``generate``, ``config`` …) to
+it. It owns the bookkeeping — which deltas exist, which are active, which are merged — while
+:mod:`deltatune.core.inject` owns the module surgery.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.core.config import DeltaConfig
+from deltatune.core.full_copy import FullCopyBranch
+from deltatune.core.inject import DeltaWrapper, get_logical, install_branch, iter_wrappers, remove_branch, unwrap
+from deltatune.core.registry import get_method, parse_delta_config
+from deltatune.core.targets import select_targets
+from deltatune.utils.errors import ConfigError, DeltatuneError, did_you_mean
+
+_OWNER_ATTR = "_deltatune_delta_model"
+
+
+class DeltaModel(nn.Module):
+    def __init__(self, base_model: nn.Module):
+        super().__init__()
+        self.base_model = base_model
+        self.delta_configs: dict[str, DeltaConfig] = {}
+        self.delta_targets: dict[str, list[str]] = {}
+        self._active: list[str] = []
+        self._merged: list[str] = []
+        # Remember the facade on the base (outside nn.Module's registry, which must stay a tree)
+        # so attach()/load_delta() on the same base add to it instead of nesting facades.
+        base_model.__dict__[_OWNER_ATTR] = self
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "DeltaModel":
+        """The facade for ``model`` (itself if already one), created on first use."""
+        if isinstance(model, DeltaModel):
+            return model
+        return model.__dict__.get(_OWNER_ATTR) or cls(model)
+
+    # --- calling ---
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    # --- deltas ---
+    def attach(self, config: DeltaConfig | dict[str, Any], name: str = "default") -> "DeltaModel":
+        """Add a delta named ``name``; it becomes the active and the trainable delta."""
+        config = parse_delta_config(config)
+        if name in self.delta_configs:
+            raise ConfigError(f"a delta named {name!r} is already attached; detach it first or pick another name")
+        if self._merged:
+            raise DeltatuneError("deltas are merged into the base weights; unmerge() before attaching another")
+        method = get_method(config.method)
+        targets = select_targets(
+            self.base_model,
+            method.resolve_targets(self.base_model, config),
+            config.exclude,
+            method.can_wrap,
+            " / ".join(t.__name__ for t in method.wraps),
+        )
+        saved = select_targets(self.base_model, config.modules_to_save, (), lambda m: True) if config.modules_to_save else []
+        overlap = set(targets) & set(saved)
+        if overlap:
+            raise ConfigError(f"module {sorted(overlap)[0]!r} is both a target and in modules_to_save")
+        installed: list[str] = []
+        try:
+            for module_name in targets:
+                branch = method.make_branch(module_name, unwrap(get_logical(self.base_model, module_name)), config)
+                install_branch(self.base_model, module_name, name, branch)
+                installed.append(module_name)
+            for module_name in saved:
+                install_branch(self.base_model, module_name, name, FullCopyBranch(unwrap(get_logical(self.base_model, module_name))))
+                installed.append(module_name)
+        except BaseException:
+            for module_name in installed:
+                remove_branch(self.base_model, module_name, name)
+            raise
+        self.delta_configs[name] = config
+        self.delta_targets[name] = installed
+        self.set_active([name])
+        self.set_trainable([name])
+        return self
+
+    def detach(self, name: str) -> None:
+        """Remove delta ``name``; with no delta left the base module tree is the original one."""
+        self._check_name(name)
+        if name in self._merged:
+            raise DeltatuneError(f"delta {name!r} is merged; unmerge() before detaching it")
+        for module_name in self.delta_targets.pop(name):
+            remove_branch(self.base_model, module_name, name)
+        del self.delta_configs[name]
+        self._active = [a for a in self._active if a != name]
+
+    def unload(self) -> nn.Module:
+        """Detach every delta and return the restored base model."""
+        for name in list(self.delta_configs):
+            self.detach(name)
+        self.base_model.__dict__.pop(_OWNER_ATTR, None)
+        return self.base_model
+
+    @property
+    def active(self) -> list[str]:
+        return list(self._active)
+
+    def set_active(self, names: list[str] | str) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._check_name(n)
+        if self._merged:
+            raise DeltatuneError("cannot change the active deltas while deltas are merged; unmerge() first")
+        self._active = names
+        for _, wrapper in iter_wrappers(self.base_model):
+            wrapper.active = [n for n in names if n in wrapper.deltas]
+
+    def set_trainable(self, names: list[str] | str) -> None:
+        """Exactly the parameters of deltas ``names`` require grad; the base and others are frozen."""
+        names = [names] if isinstance(names, str) else list(names)
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for _, wrapper in iter_wrappers(self.base_model):
+            for n in names:
+                if n in wrapper.deltas:
+                    for p in wrapper.deltas[n].parameters():
+                        p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disable(self) -> Iterator[None]:
+        """Run the plain base model inside the block (e.g. for a reference forward pass)."""
+        if self._merged:
+            raise DeltatuneError("cannot disable deltas that are merged into the weights; unmerge() first")
+        wrappers = [w for _, w in iter_wrappers(self.base_model)]
+        for w in wrappers:
+            w.disabled = True
+        try:
+            yield
+        finally:
+            for w in wrappers:
+                w.disabled = False
+
+    # --- merge ---
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+        """Fold deltas (default: the active ones) into the base weights.
+
+        ``safe=True`` computes each merged weight on a copy and refuses to write NaN/inf.
+        """
+        names = self.active if names is None else names
+        for name in names:
+            self._check_name(name)
+            if name in self._merged:
+                continue
+            method = get_method(self.delta_configs[name].method)
+            if not method.capabilities.mergeable:
+                raise DeltatuneError(f"delta {name!r} ({method.name}) cannot be merged into the weights")
+            if name not in self._active:
+                raise DeltatuneError(f"delta {name!r} is not active; only active deltas can be merged")
+            for module_name, wrapper in iter_wrappers(self.base_model):
+                if name not in wrapper.deltas:
+                    continue
+                branch = wrapper.deltas[name]
+                if safe:
+                    probe = _clone_params(wrapper.base_layer)
+                    branch.merge(probe)
+                    if not all(torch.isfinite(p).all() for p in probe.parameters()):
+                        raise DeltatuneError(f"merging delta {name!r} into {module_name!r} gives NaN/inf weights; nothing was merged there")
+                branch.merge(wrapper.base_layer)
+                wrapper.merged.append(name)
+            self._merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge, last merged first (the exact inverse of :meth:`merge`)."""
+        while self._merged:
+            name = self._merged.pop()
+            for _, wrapper in iter_wrappers(self.base_model):
+                if name in wrapper.merged:
+                    wrapper.deltas[name].unmerge(wrapper.base_layer)
+                    wrapper.merged.remove(name)
+
+    @property
+    def merged(self) -> list[str]:
+        return list(self._merged)
+
+    # --- state ---
+    def delta_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """``{"<logical module>.<branch key>": tensor}`` for one delta — the names files use."""
+        name = self._default_name(name)
+        state = {}
+        for module_name, wrapper in iter_wrappers(self.base_model):
+            if name in wrapper.deltas:
+                for key, value in wrapper.deltas[name].state_dict().items():
+                    state[f"{module_name}.{key}"] = value
+        return state
+
+    def delta_parameters(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        name = self._default_name(name)
+        params = {}
+        for module_name, wrapper in iter_wrappers(self.base_model):
+            if name in wrapper.deltas:
+                for key, p in wrapper.deltas[name].named_parameters():
+                    params[f"{module_name}.{key}"] = p
+        return params
+
+    def save_delta(self, path: str, name: str | None = None) -> None:
+        """Write delta ``name`` as a PEFT-compatible directory (see :mod:`deltatune.core.state`)."""
+        from deltatune.core.state import save_delta_dir
+
+        name = self._default_name(name)
+        if name in self._merged:
+            raise DeltatuneError(f"delta {name!r} is merged into the weights; unmerge() before saving it")
+        save_delta_dir(self, name, path)
+
+    def parameter_report(self) -> dict[str, Any]:
+        """Trainable vs total parameters (base + deltas), overall and per delta."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        per_delta = {n: sum(p.numel() for p in self.delta_parameters(n).values()) for n in self.delta_configs}
+        return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1), "per_delta": per_delta}
+
+    def format_parameter_report(self) -> str:
+        r = self.parameter_report()
+        return f"trainable params: {r['trainable']:,} || all params: {r['total']:,} || trainable%: {r['trainable_percent']:.4f}"
+
+    # --- helpers ---
+    def _check_name(self, name: str) -> None:
+        if name not in self.delta_configs:
+            raise ConfigError(f"no delta named {name!r}{did_you_mean(name, self.delta_configs)}; attached: {sorted(self.delta_configs)}")
+
+    def _default_name(self, name: str | None) -> str:
+        if name is not None:
+            self._check_name(name)
+            return name
+        if len(self._active) == 1:
+            return self._active[0]
+        if len(self.delta_configs) == 1:
+            return next(iter(self.delta_configs))
+        raise ConfigError(f"several deltas attached ({sorted(self.delta_configs)}); name the one you mean")
+
+
+def _clone_params(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return any(isinstance(m, DeltaWrapper) for m in model.modules())

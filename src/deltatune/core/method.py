@@ -1,0 +1,87 @@
+"""The contract every delta method implements.
+
+A *method* (LoRA, IA3, an adapter …) is registered once under a name. Given a model and a
+config it says which modules to wrap and builds one :class:`DeltaBranch` per wrapped module.
+A branch is the delta's contribution at that module, in He et al.'s unified view::
+
+    h = base(x)                 # the frozen module's output
+    h = branch(x, h)            # LoRA: h + s·B(A(x)); IA3: h ⊙ l; adapter: h + f(h) …
+
+Capabilities are data on the method, so the core never asks "is this LoRA?".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from deltatune.core.config import DeltaConfig
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    mergeable: bool = False         # merge()/unmerge() fold the delta into base weights exactly
+    linear_delta: bool = False      # delta_weight() gives ΔW with W' = W + ΔW
+    batched_serving: bool = False   # the serving engine can batch it across requests
+    unchanged_at_init: bool = True  # the model's outputs are identical right after attach
+
+
+class DeltaBranch(nn.Module):
+    """One named delta at one wrapped module. Parameters of a branch are its delta parameters."""
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """ΔW such that the merged weight is ``base.weight + ΔW`` (linear deltas only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a linear delta")
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        """Fold this branch into ``base``'s weights. Default: W ← W + ΔW."""
+        base.weight.data += self.delta_weight(base).to(base.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        """Exact inverse of :meth:`merge`. Default: W ← W − ΔW."""
+        base.weight.data -= self.delta_weight(base).to(base.weight.dtype)
+
+
+class DeltaMethod:
+    """A registered method: its config class, capabilities, default targets and branch factory.
+
+    Subclasses set the class attributes and implement :meth:`make_branch`; everything else
+    (target selection, injection, save/load, merge bookkeeping) is shared core code.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[DeltaConfig]]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    # model_type → default target patterns when the config gives none; "*" is the fallback.
+    default_targets: ClassVar[dict[str, str | list[str]]] = {"*": "all-linear"}
+    wraps: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    # Branch-local parameter keys as saved (e.g. "lora_A.weight"); used to split file keys.
+    branch_keys: ClassVar[tuple[str, ...]] = ()
+    # PEFT's peft_type for this method, or None when PEFT has no equivalent.
+    peft_type: ClassVar[str | None] = None
+
+    def can_wrap(self, module: nn.Module) -> bool:
+        return isinstance(module, self.wraps)
+
+    def resolve_targets(self, model: nn.Module, config: DeltaConfig) -> str | list[str]:
+        if config.targets is not None:
+            return config.targets
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return self.default_targets.get(model_type, self.default_targets["*"])
+
+    def make_branch(self, module_name: str, module: nn.Module, config: DeltaConfig) -> DeltaBranch:
+        raise NotImplementedError
+
+    # --- PEFT file compatibility (only for methods with a peft_type) ---
+    def to_peft_config(self, config: DeltaConfig, target_patterns: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def from_peft_config(self, peft_config: dict[str, Any], source: str) -> DeltaConfig:
+        raise NotImplementedError
