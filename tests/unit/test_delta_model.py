@@ -4,7 +4,7 @@ import torch
 import deltatune
 from deltatune.core.inject import DeltaWrapper
 from deltatune.utils.errors import ConfigError, DeltatuneError
-from tests.conftest import randomize_delta
+from tests.helpers import randomize_delta
 
 
 def logits(model, ids):

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 import deltatune
 from deltatune.utils.errors import DeltaFileError, ShapeMismatchError
-from tests.conftest import randomize_delta, tiny_llama_config
+from tests.helpers import randomize_delta, tiny_llama_config
 
 
 def logits(model, ids):

@@ -26,9 +26,9 @@ def run(args) -> int:
 
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     model = deltatune.load_model(args.model, task="causal-lm")
-    tokenizer = deltatune.load_tokenizer(args.model)
     if args.adapter:
         model = deltatune.load_delta(model, args.adapter)
+    tokenizer = deltatune.load_tokenizer(args.model)
     chat = args.chat is not None
     text = generate_text(model, tokenizer, args.chat if chat else args.prompt, sampling, chat=chat, stream=not args.no_stream)
     if args.no_stream:

@@ -22,8 +22,8 @@ from deltatune.core.config import DeltaConfig
 from deltatune.core.full_copy import FULL_COPY_KEY
 from deltatune.core.inject import iter_logical_modules
 from deltatune.core.registry import get_method, list_methods, parse_delta_config
-from deltatune.core.targets import compact_patterns
-from deltatune.utils.errors import DeltaFileError, ShapeMismatchError, closest
+from deltatune.core.targets import compact_patterns, matches
+from deltatune.utils.errors import DeltaFileError, ShapeMismatchError, closest, one_line
 from deltatune.utils.io import atomic_dir
 
 PEFT_PREFIX = "base_model.model."
@@ -33,7 +33,9 @@ DELTATUNE_FILE = "deltatune.json"
 
 
 def to_file_key(key: str) -> str:
-    return PEFT_PREFIX + key
+    """Internal key → file key. Full-copy modules are stored under the module's own key names
+    (``classifier.weight``), as PEFT stores ``modules_to_save``."""
+    return PEFT_PREFIX + key.replace(f".{FULL_COPY_KEY}.", ".")
 
 
 def from_file_key(key: str) -> str:
@@ -107,7 +109,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DeltaFileError(f"{path}: not valid JSON ({err})") from None
+        raise DeltaFileError(f"{path}: not valid JSON ({one_line(err)})") from None
     if not isinstance(data, dict):
         raise DeltaFileError(f"{path}: expected a JSON object")
     return data
@@ -124,19 +126,27 @@ def read_delta_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(weights), framework="pt") as f:
             return {from_file_key(k): f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise DeltaFileError(f"{weights}: not a readable safetensors file ({err})") from None
+        raise DeltaFileError(f"{weights}: not a readable safetensors file ({one_line(err)})") from None
 
 
-def split_key(key: str, branch_keys: tuple[str, ...]) -> tuple[str, str]:
-    """``"model.layers.0.q_proj.lora_A.weight"`` → (``"model.layers.0.q_proj"``, ``"lora_A.weight"``)."""
+def split_key(key: str, branch_keys: tuple[str, ...], full_copy_patterns: list[str], logical: set[str]) -> tuple[str, str]:
+    """File key (prefix removed) → (logical module, branch-local key).
+
+    ``model.layers.0.q_proj.lora_A.weight`` → (``model.layers.0.q_proj``, ``lora_A.weight``);
+    ``classifier.weight`` with ``classifier`` in modules_to_save → (``classifier``, ``modules_to_save.weight``).
+    """
     for bk in branch_keys:
         if key.endswith("." + bk):
             return key[: -len(bk) - 1], bk
-    marker = f".{FULL_COPY_KEY}."
-    if marker in key:
-        module, _, rest = key.rpartition(marker)
-        return module, f"{FULL_COPY_KEY}.{rest}"
-    raise DeltaFileError(f"tensor {key!r} is not a parameter this method stores (expected a name ending in {', '.join(branch_keys)})")
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if module in logical and any(matches(p, module) for p in full_copy_patterns):
+            return module, f"{FULL_COPY_KEY}." + ".".join(parts[cut:])
+    raise DeltaFileError(
+        f"tensor {PEFT_PREFIX + key!r} is neither a delta parameter (names ending in {', '.join(branch_keys)}) "
+        f"nor a parameter of a module in modules_to_save {full_copy_patterns}"
+    )
 
 
 def load_delta_dir(model, path: str | Path, name: str) -> None:
@@ -148,12 +158,15 @@ def load_delta_dir(model, path: str | Path, name: str) -> None:
     config = read_delta_config(path)
     tensors = read_delta_tensors(path)
     method = get_method(config.method)
+    logical = {n for n, _ in iter_logical_modules(model.base_model)}
     modules: dict[str, None] = {}
     saved: dict[str, None] = {}
-    for key in tensors:
-        module, local = split_key(key, method.branch_keys)
+    by_internal_key: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        module, local = split_key(key, method.branch_keys, config.modules_to_save, logical)
         (saved if local.startswith(FULL_COPY_KEY + ".") else modules)[module] = None
-    logical = {n for n, _ in iter_logical_modules(model.base_model)}
+        by_internal_key[f"{module}.{local}"] = tensor
+    tensors = by_internal_key
     for module in list(modules) + list(saved):
         if module not in logical:
             near = closest(module, logical, 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune.utils.errors import ModelLoadError
+from deltatune.utils.errors import ModelLoadError, one_line
 from deltatune.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -43,17 +43,22 @@ def check_gguf(path: Path) -> str:
     except ModelLoadError:
         raise
     except Exception as err:  # gguf raises ValueError/IndexError/struct errors on damaged files
-        raise ModelLoadError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(err).__name__}: {err}") from None
+        raise ModelLoadError(f"{path}: not a readable GGUF file (truncated or corrupt?): {one_line(err)}") from None
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}")
     return arch
 
 
+def cache_entry(gguf_path: Path) -> Path:
+    """Where the converted copy of ``gguf_path`` lives: keyed by the file's content hash."""
+    gguf_path = Path(gguf_path).resolve()
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
+
+
 def converted_dir(gguf_path: Path) -> Path:
     """The cached HF directory for ``gguf_path``, converting it on first use."""
     gguf_path = gguf_path.resolve()
-    key = file_sha256(gguf_path)[:16]
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    target = cache_entry(gguf_path)
     if (target / "config.json").is_file():
         return target
     check_gguf(gguf_path)  # parsing the header takes seconds: only on a cache miss
@@ -64,7 +69,7 @@ def converted_dir(gguf_path: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as err:
-        raise ModelLoadError(f"{gguf_path}: transformers could not load this GGUF file: {type(err).__name__}: {err}") from None
+        raise ModelLoadError(f"{gguf_path}: transformers could not load this GGUF file: {one_line(err)}") from None
     # The weights are plain fp32 after de-quantization, but transformers still marks the model
     # as GGUF-quantized and refuses save_pretrained; drop the marker.
     model.hf_quantizer = None

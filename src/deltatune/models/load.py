@@ -14,7 +14,7 @@ import torch
 
 from deltatune.models.aliases import ALIASES, resolve_alias
 from deltatune.models.gguf_cache import converted_dir
-from deltatune.utils.errors import ModelLoadError, did_you_mean
+from deltatune.utils.errors import ModelLoadError, did_you_mean, one_line
 
 Task = Literal["causal-lm", "sequence-classification", "encoder"]
 TASKS = ("causal-lm", "sequence-classification", "encoder")
@@ -100,8 +100,7 @@ def load_model(
 
 def _load_error(name_or_path, source: str, local: bool, err: Exception) -> ModelLoadError:
     where = "local model" if local else "hub model"
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ModelLoadError(f"{where} {str(name_or_path)!r} ({source}) failed to load: {type(err).__name__}: {msg}")
+    return ModelLoadError(f"{where} {str(name_or_path)!r} ({source}) failed to load: {one_line(err)}")
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None):
@@ -112,7 +111,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **({"revision": revision} if revision else {}))
     except Exception as err:
-        raise ModelLoadError(f"tokenizer of {str(name_or_path)!r} ({source}) failed to load: {type(err).__name__}: {err}") from None
+        raise ModelLoadError(f"tokenizer of {str(name_or_path)!r} ({source}) failed to load: {one_line(err)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -54,3 +54,9 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     if not found:
         return ""
     return " (did you mean " + " or ".join(repr(f) for f in found) + "?)"
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` folded onto one line, for wrapping third-party exceptions."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

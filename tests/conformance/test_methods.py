@@ -1,0 +1,69 @@
+"""Every registered method passes the same contract, on a llama-style and a BERT-style tiny model."""
+import pytest
+import torch
+from torch import nn
+
+import deltatune
+from deltatune.core.targets import select_targets
+from tests.helpers import randomize_delta
+
+
+def lora_count(module: nn.Linear, cfg) -> int:
+    return cfg.r * (module.in_features + module.out_features)
+
+
+# method → trainable parameters for one wrapped module. A new method adds its formula here.
+PARAM_FORMULAS = {"lora": lora_count}
+METHODS = deltatune.list_methods()
+MODELS = ["tiny_llama", "tiny_bert_cls"]
+
+
+def run(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture
+def batch():
+    return {"input_ids": torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_contract(method, model_name, batch, request, tmp_path):
+    base = request.getfixturevalue(model_name)
+    spec = deltatune.get_method(method)
+    ref = run(base, batch)
+    model = deltatune.attach(base, {"method": method})
+    cfg = model.delta_configs["default"]
+
+    if spec.capabilities.unchanged_at_init:
+        assert torch.equal(run(model, batch), ref), "output changed at init"
+
+    assert method in PARAM_FORMULAS, f"add the parameter formula of {method!r} to PARAM_FORMULAS"
+    targets = select_targets(base, spec.resolve_targets(base, cfg), cfg.exclude, spec.can_wrap)
+    modules = dict(base.named_modules())
+    expected = sum(PARAM_FORMULAS[method](modules[t + ".base_layer"], cfg) for t in targets)
+    assert model.parameter_report()["trainable"] == expected
+
+    randomize_delta(model, std=0.2)
+    out = run(model, batch)
+    assert (out - ref).abs().max() > 1e-5, "a non-zero delta must change the output"
+
+    model.save_delta(tmp_path / "d")
+    fresh = request.getfixturevalue(model_name).__class__(base.config).eval()
+    fresh.load_state_dict({k: v for k, v in model.unload().state_dict().items()})
+    assert torch.equal(run(deltatune.load_delta(fresh, tmp_path / "d"), batch), out)
+
+    if spec.capabilities.mergeable:
+        loaded = deltatune.DeltaModel.of(fresh)
+        loaded.merge()
+        assert (run(loaded, batch) - out).abs().max() < 1e-5
+        loaded.unmerge()
+        assert (run(loaded, batch) - out).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_target_is_clear(method, tiny_llama):
+    with pytest.raises(deltatune.DeltatuneError, match="closest module names"):
+        deltatune.attach(tiny_llama, {"method": method, "targets": ["no_such_proj"]})
