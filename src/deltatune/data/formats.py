@@ -211,6 +211,32 @@ class ExampleEncoder:
             raise ConfigError(f"unknown data format {self.format!r}; expected one of {', '.join(LM_FORMATS)}, classification")
         return self._lm_example(record, segments, add_special)
 
+    def generation_example(self, record: Record) -> dict[str, Any]:
+        """``{"prompt", "response", "add_special_tokens"}`` for scoring generations of ``record``.
+
+        ``prompt`` is exactly the text training puts before the first trained token (template
+        and all), so a model is evaluated on the input it was trained on; ``response`` is the
+        reference answer (the last assistant turn for chat data).
+        """
+        if record.error is not None:
+            raise DataError(record.error)
+        if self.format == "instruction":
+            segments, add_special = self._instruction(record)
+        elif self.format == "chat":
+            messages = normalize_messages(self._get(record, "messages"), record.origin)
+            segments, add_special = self._chat(messages, record.origin), False
+        else:
+            raise ConfigError(f"generation needs instruction or chat data with a reference answer, not {self.format!r}")
+        first = next((i for i, (_, trained) in enumerate(segments) if trained), len(segments))
+        prompt = "".join(text for text, _ in segments[:first])
+        if self.format == "chat":
+            response = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+        else:
+            data = record.data or {}
+            key = "output" if field_name("instruction", self.columns) in data or field_name("prompt", self.columns) not in data else "response"
+            response = self._text(record, key)
+        return {"prompt": prompt, "response": response, "add_special_tokens": add_special}
+
     # ------------------------------------------------------------ fields
 
     def _get(self, record: Record, name: str, required: bool = True) -> Any:

@@ -42,6 +42,7 @@ def exact_match(
     batch_size: int = 32,
     use_chat_template: bool = False,
     progress: bool = True,
+    add_special_tokens: bool | None = None,
 ) -> dict:
     """Greedy-decode every example's prompt and score exact match with its ``response``.
 
@@ -67,7 +68,8 @@ def exact_match(
         return {"exact_match": 0.0, "n": 0, "predictions": []}
 
     texts = [render_prompt(tokenizer, ex["prompt"], use_chat_template) for ex in examples]
-    add_special_tokens = not use_chat_template
+    # Pre-rendered prompts (from the data pipeline) say themselves whether special tokens go in.
+    add_special_tokens = (not use_chat_template) if add_special_tokens is None else add_special_tokens
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory error
     # shows up in the first batch rather than the last.
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]

@@ -1,0 +1,198 @@
+"""The training recipe: YAML → one validated, frozen :class:`TrainRecipe`.
+
+Errors name the file, the line and the dotted key (``recipe.yaml:12: unknown key
+'optim.learning_rate' (did you mean 'lr'?)``). Dotted command-line overrides
+(``optim.lr=1e-4 delta.r=8``) are parsed as YAML scalars and applied before validation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import Field, model_validator
+
+from deltatune.core.config import StrictConfig, format_validation_error
+from deltatune.core.registry import parse_delta_config
+from deltatune.data.config import DataConfig
+from deltatune.utils.errors import ConfigError
+
+
+class ModelSection(StrictConfig):
+    name: str = "smollm2-135m-instruct"
+    task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+    num_labels: int | None = None  # sequence-classification: taken from the data when unset
+
+
+class GenerateSection(StrictConfig):
+    """Data that deltatune generates itself (see :mod:`deltatune.tasks.numbers`)."""
+
+    task: str | list[str] = "addition"
+    n_train: int = Field(4000, gt=0)
+    n_eval: int = Field(100, gt=0)
+    digits: int = Field(3, ge=1, le=12)
+    seed: int = 0
+
+
+class OptimConfig(StrictConfig):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class ScheduleConfig(StrictConfig):
+    name: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainLoopConfig(StrictConfig):
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, ge=1)
+    bf16: bool = False
+    compile: bool = False
+    loss_chunk_size: int = Field(256, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    threads: int | None = Field(None, gt=0)
+    progress: bool = True
+
+
+class EvalConfig(StrictConfig):
+    metric: Literal["auto", "loss", "accuracy", "exact_match"] = "auto"
+    max_new_tokens: int = Field(8, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_batches: int | None = Field(None, gt=0)
+    before_training: bool = False
+
+
+class OutputConfig(StrictConfig):
+    dir: str = "runs"
+    name: str = "default"
+
+
+class TrainRecipe(StrictConfig):
+    model: ModelSection = ModelSection()
+    delta: dict[str, Any] | None = {"method": "lora"}  # validated by the method's own config class
+    data: DataConfig = DataConfig()
+    generate: GenerateSection | None = None
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainRecipe":
+        if self.data.path is None and self.generate is None:
+            raise ValueError("no training data: set data.path (a file) or a generate section")
+        if self.data.path is not None and self.generate is not None:
+            raise ValueError("set either data.path or generate, not both")
+        if self.eval.metric == "exact_match" and self.model.task != "causal-lm":
+            raise ValueError("eval.metric exact_match needs model.task causal-lm")
+        if self.eval.metric == "accuracy" and self.model.task != "sequence-classification":
+            raise ValueError("eval.metric accuracy needs model.task sequence-classification")
+        return self
+
+    def delta_config(self):
+        return None if self.delta is None else parse_delta_config(self.delta, where="delta")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.output.name
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "delta.r=8"]`` applied to a nested dict (values parsed as YAML)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Dotted key path → 1-based line number, from a composed YAML node tree."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (key_node.value,)
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    return lines
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), default: dict[str, Any] | None = None) -> TrainRecipe:
+    """Read, override and validate a recipe; ``path=None`` uses ``default`` (the built-in job)."""
+    lines: dict[tuple, int] = {}
+    source = "<built-in recipe>"
+    if path is None:
+        data = dict(default or {})
+    else:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {source!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+            node = yaml.compose(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections (model, delta, data, …) at the top level")
+        lines = _key_lines(node) if node is not None else {}
+    import copy
+
+    data = apply_overrides(copy.deepcopy(data), list(overrides))
+    try:
+        recipe = TrainRecipe.model_validate(data)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]["loc"]
+        line = _line_for(lines, first)
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {format_validation_error(err, TrainRecipe)}") from None
+    try:
+        recipe.delta_config()
+    except ConfigError as err:
+        line = lines.get(("delta",))
+        raise ConfigError(f"{source}:{line}: {err}" if line else f"{source}: {err}") from None
+    return recipe
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
+    loc = tuple(str(p) for p in loc)
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return None
+
+
+def recipe_to_yaml(recipe: TrainRecipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

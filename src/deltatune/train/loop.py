@@ -1,0 +1,221 @@
+"""The training loop, readable top to bottom: setup → steps → eval → checkpoint → save delta.
+
+    result = train(load_recipe("recipe.yaml"))
+
+A step draws ``grad_accum`` micro-batches, normalises their summed loss by the step's total
+target count (over micro-batches and processes), clips, steps AdamW and the schedule. Every
+``save_every`` steps — and on Ctrl-C — an atomic checkpoint is written; ``resume=run_dir``
+continues from the newest one with identical data order and RNG.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from deltatune.data import iter_batches, make_collator
+from deltatune.train import checkpoint as ckpt
+from deltatune.train.config import TrainRecipe, recipe_to_yaml
+from deltatune.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, slice_batch
+from deltatune.train.metrics import MetricsLog, accuracy_and_macro_f1, peak_rss_mb, plot_loss_curve
+from deltatune.train.objective import CausalLMObjective, ClassificationObjective, predict_classes
+from deltatune.train.optim import build_optimizer, build_scheduler
+from deltatune.train.setup import build_model, make_stream, prepare_data, trainable_parameters
+from deltatune.utils.io import write_json_atomic, write_text_atomic
+from deltatune.utils.seed import seed_everything
+
+
+def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Run the recipe; returns the final metrics (and before-training metrics if asked for).
+
+    ``stop_after``: end the run (with a checkpoint) after that many steps, as an interruption would.
+    """
+    import deltatune
+
+    info = init_distributed()
+    cfg = recipe.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(resume) if resume else recipe.run_dir
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", recipe_to_yaml(recipe))
+    seed_everything(cfg.seed)
+
+    tokenizer = deltatune.load_tokenizer(recipe.model.name)
+    data = prepare_data(recipe, tokenizer, run_dir, write=info.is_main)
+    seed_everything(cfg.seed)  # the delta's init does not depend on how much data was read
+    model = build_model(recipe, data.report.num_labels)
+    classification = recipe.model.task == "sequence-classification"
+    objective = ClassificationObjective(model) if classification else CausalLMObjective(model, cfg.loss_chunk_size)
+    if cfg.compile:
+        objective = torch.compile(objective)
+    wrapped = torch.nn.parallel.DistributedDataParallel(objective) if info.enabled else objective
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, recipe.optim)
+    scheduler = build_scheduler(optimizer, cfg.max_steps, recipe.schedule)
+    stream = make_stream(recipe, data, tokenizer, model)
+
+    start, early = 0, {"best": None, "bad_evals": 0}
+    if resume:
+        state = ckpt.load_checkpoint(run_dir, model, optimizer, scheduler)
+        stream.load_state_dict(state["data"])
+        start, early = state["step"], state.get("early", early)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None) if info.is_main else None
+    say = print if info.is_main else (lambda *a, **k: None)
+    say(f"run: {run_dir}  |  {data.report.summary()}")
+    if hasattr(model, "format_parameter_report"):
+        say(model.format_parameter_report())
+
+    before = None
+    if recipe.eval.before_training and start == 0:
+        before = evaluate(model, objective, data, recipe, tokenizer)
+        say("before training: " + format_metrics(before))
+
+    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and info.is_main))
+    step, last_loss = start, float("nan")
+    model.train()
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro = [slice_batch(next(stream), info) for _ in range(cfg.grad_accum)]
+            local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) if not classification else len(b["labels"]) for b in micro)
+            total_targets = all_reduce_sum(torch.tensor(float(local_targets)), info).item()
+            loss_total = torch.zeros(())
+            for batch in micro:
+                with autocast:
+                    loss_sum, _ = wrapped(batch)
+                # DDP averages gradients over processes; scale so the result is sum / global count.
+                (loss_sum * info.world / max(total_targets, 1.0)).backward()
+                loss_total += loss_sum.detach().float()
+            if recipe.optim.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = all_reduce_sum(loss_total, info).item() / max(total_targets, 1.0)
+            seconds = time.perf_counter() - t0
+            tokens = all_reduce_sum(torch.tensor(float(sum(real_tokens(b) for b in micro))), info).item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+            if log and (step % cfg.log_every == 0 or step == cfg.max_steps or step == start + 1):
+                log.log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
+                         "step_seconds": seconds, "peak_rss_mb": peak_rss_mb()})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                metrics = evaluate(model, objective, data, recipe, tokenizer)
+                model.train()
+                if log:
+                    log.log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+                if _should_stop(metrics, early, cfg.early_stopping_patience):
+                    say(f"early stopping at step {step}: no improvement in {cfg.early_stopping_patience} evaluations")
+                    break
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                _checkpoint(info, run_dir, step, model, optimizer, scheduler, stream, early, cfg.keep_last)
+            if stop_after is not None and step >= start + stop_after:
+                _checkpoint(info, run_dir, step, model, optimizer, scheduler, stream, early, cfg.keep_last)
+                return {"step": step, "stopped": True, "loss": last_loss}
+    except KeyboardInterrupt:
+        _checkpoint(info, run_dir, step, model, optimizer, scheduler, stream, early, cfg.keep_last)
+        say(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume {run_dir}")
+        raise
+    finally:
+        bar.close()
+
+    after = evaluate(model, objective, data, recipe, tokenizer)
+    result = {"step": step, "loss": last_loss, "after": after, "before": before, "run_dir": str(run_dir)}
+    if info.is_main:
+        if log:
+            log.log({"step": step, **{f"eval_{k}": v for k, v in after.items()}})
+        delta_dir = run_dir / ("adapter" if hasattr(model, "save_delta") else "model")
+        if hasattr(model, "save_delta"):
+            model.save_delta(delta_dir)
+        else:
+            model.save_pretrained(delta_dir)
+            tokenizer.save_pretrained(delta_dir)
+        plot_loss_curve(log.rows, run_dir / "loss.png", f"{recipe.model.name} · {recipe.output.name}")
+        result.update(adapter=str(delta_dir), plot=str(run_dir / "loss.png"))
+        write_json_atomic(run_dir / "summary.json", result)
+    barrier(info)
+    return result
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-padding tokens of a collated batch (packed rows list their example lengths)."""
+    if "lengths" in batch:
+        return sum(sum(row) for row in batch["lengths"])
+    return int(batch["attention_mask"].sum())
+
+
+def _checkpoint(info: DistInfo, run_dir, step, model, optimizer, scheduler, stream, early, keep_last) -> None:
+    if info.is_main:
+        ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, {"data": stream.state_dict(), "early": early}, keep_last)
+    barrier(info)
+
+
+def _should_stop(metrics: dict, early: dict, patience: int | None) -> bool:
+    """Track the primary metric; True after ``patience`` evaluations without improvement."""
+    if not patience:
+        return False
+    key, higher = primary_metric(metrics)
+    value = metrics[key] if higher else -metrics[key]
+    if early["best"] is None or value > early["best"]:
+        early["best"], early["bad_evals"] = value, 0
+        return False
+    early["bad_evals"] += 1
+    return early["bad_evals"] >= patience
+
+
+def primary_metric(metrics: dict) -> tuple[str, bool]:
+    """The metric that decides "better" and whether higher is better."""
+    for key in ("exact_match", "accuracy"):
+        if key in metrics:
+            return key, True
+    return "loss", False
+
+
+@torch.no_grad()
+def evaluate(model, objective, data, recipe: TrainRecipe, tokenizer) -> dict[str, float]:
+    """Eval loss (perplexity for LM), accuracy + macro-F1 (classification), exact match."""
+    from deltatune.train.evaluate import exact_match
+
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    classification = recipe.model.task == "sequence-classification"
+    if data.eval:
+        collate = make_collator(tokenizer, packing=False, mask_dtype=next(model.parameters()).dtype)
+        loss_sum, count, preds, labels = 0.0, 0, [], []
+        for i, batch in enumerate(iter_batches(data.eval, recipe.eval.batch_size, collate)):
+            if recipe.eval.max_batches and i >= recipe.eval.max_batches:
+                break
+            s, n = objective(batch)
+            loss_sum, count = loss_sum + float(s), count + int(n)
+            if classification:
+                preds += predict_classes(model, batch)
+                labels += batch["labels"].tolist()
+        metrics["loss"] = loss_sum / max(count, 1)
+        if classification:
+            metrics.update(accuracy_and_macro_f1(preds, labels))
+        else:
+            metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+    if data.generation_examples:
+        add_special = data.generation_examples[0]["add_special_tokens"]
+        em = exact_match(model, tokenizer, data.generation_examples, max_new_tokens=recipe.eval.max_new_tokens,
+                         batch_size=recipe.eval.batch_size, add_special_tokens=add_special, progress=recipe.train.progress)
+        metrics["exact_match"] = em["exact_match"]
+    model.train(was_training)
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        parts.append(f"{key} {100 * value:.1f}%" if key in ("exact_match", "accuracy", "macro_f1") else f"{key} {value:.4f}")
+    return ", ".join(parts)
