@@ -29,3 +29,40 @@ def randomize_delta(model, std: float = 0.02, seed: int = 0) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+WORDS = "zero one two three four five six seven eight nine plus minus is the a of and to what cat dog sat on mat".split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over a small vocabulary + digits, with pad/eos/unk, built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS, *list("0123456789+=?.,")])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def save_tiny_lm(path, seed: int = 0):
+    """A tiny llama + its tokenizer saved as a HF directory (a model name for recipes and the CLI)."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=None))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_bert(path, seed: int = 0):
+    from transformers import BertModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    BertModel(tiny_bert_config(vocab_size=len(tokenizer), pad_token_id=0)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

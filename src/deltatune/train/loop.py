@@ -76,6 +76,8 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
     if recipe.eval.before_training and start == 0:
         before = evaluate(model, objective, data, recipe, tokenizer)
         say("before training: " + format_metrics(before))
+        if log:
+            log.log({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
     autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and info.is_main))

