@@ -90,10 +90,18 @@ def load_model(
     """
     source, config, model_class = prepare_model(name_or_path, task, num_labels, revision)
     kwargs = {"dtype": dtype, **({"revision": revision} if revision else {})}
+    from transformers.utils import logging as hf_logging
+
+    # Reading cached safetensors takes well under a second: its progress bar is noise.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = model_class.from_pretrained(source, config=config, **kwargs)
     except Exception as err:
         raise _load_error(name_or_path, source, not source == str(name_or_path) or Path(source).exists(), err) from None
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     model.eval()
     return model
 

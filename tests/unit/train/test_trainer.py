@@ -67,7 +67,8 @@ def test_lm_run_writes_everything_and_learns(lm_dir, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "data", "loss.png", "metrics.jsonl", "summary.json"]
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    first = rows[0]
+    assert rows[0]["step"] == 0 and "eval_loss" in rows[0]  # before-training eval
+    first = next(r for r in rows if "loss" in r)
     assert {"step", "loss", "lr", "tokens_per_s", "peak_rss_mb"} <= set(first) and first["peak_rss_mb"] > 0
     assert result["after"]["loss"] < result["before"]["loss"]
     assert 0.0 <= result["after"]["exact_match"] <= 1.0

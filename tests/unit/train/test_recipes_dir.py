@@ -1,0 +1,26 @@
+"""Every example recipe in recipes/ and the built-in default job validate."""
+from pathlib import Path
+
+import pytest
+
+from deltatune.cli.train_cmd import default_recipe
+from deltatune.train.config import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[3] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_example_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.train.max_steps > 0
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2_lora_instruct.yaml", "minilm_lora_sst2.yaml", "smollm2_full_finetune.yaml"} <= names
+
+
+def test_default_job():
+    recipe = load_recipe(None, default=default_recipe())
+    assert recipe.generate.task == "addition" and recipe.eval.metric == "exact_match" and recipe.eval.before_training
+    assert recipe.delta_config().r == 16 and recipe.delta_config().targets == "all-linear"
