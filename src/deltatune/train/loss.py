@@ -118,64 +118,67 @@ def _chunk_logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropies over rows; saves only inputs and per-row logsumexp for backward."""
+    """Sum of cross-entropies over rows, with the gradients computed *during* forward.
+
+    The loss is a scalar, so d(loss)/d(inputs) is known as soon as each chunk's softmax is:
+    ``g = softmax(z) - onehot(y)``; ``d rows = g @ W``, ``d W = gᵀ @ rows``, ``d b = Σ g``.
+    Forward keeps those (rows-sized, and W-sized only when W is trained) instead of the inputs,
+    and backward just scales them by the incoming gradient — one vocabulary projection per chunk
+    in total, where saving inputs and recomputing in backward would need two.
+    """
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, chunk_size, compute_dtype):  # noqa: D102
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        need_rows, need_w, need_b = ctx.needs_input_grad[:3]
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         total = torch.zeros((), dtype=acc_dtype, device=rows.device)
-        lse = torch.empty(rows.shape[0], dtype=acc_dtype, device=rows.device)
-        # Autocast off inside: dtypes are chosen explicitly so backward can reproduce them.
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        # Weight / bias grads are summed over chunks in >= fp32 even when matmuls run in bf16.
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_b else None
+        # Autocast off inside: dtypes are chosen explicitly.
         with torch.autocast(rows.device.type, enabled=False):
             w, b = weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype)
             for start in range(0, rows.shape[0], chunk_size):
                 stop = start + chunk_size
-                logits = _chunk_logits(rows[start:stop].to(compute_dtype), w, b)
-                target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
+                chunk_rows = rows[start:stop].to(compute_dtype)
+                chunk_targets = targets[start:stop]
+                logits = _chunk_logits(chunk_rows, w, b)
+                target_logit = logits.gather(1, chunk_targets[:, None]).squeeze(1)
                 # In-place logsumexp: max-shift, exp, sum — no second [n, V] temporary.
                 row_max = logits.amax(dim=1)
                 logits.sub_(row_max[:, None]).exp_()
-                chunk_lse = logits.sum(dim=1).log_().add_(row_max)
-                lse[start:stop] = chunk_lse
-                total += (chunk_lse - target_logit).sum()
-        ctx.save_for_backward(rows, weight, bias, targets, lse)
+                sums = logits.sum(dim=1)
+                total += (sums.log() + row_max - target_logit).sum()
+                if not (need_rows or need_w or need_b):
+                    continue
+                g = logits.div_(sums[:, None])  # softmax, in place
+                g[torch.arange(g.shape[0], device=g.device), chunk_targets] -= 1
+                if grad_b is not None:
+                    grad_b += g.sum(dim=0)
+                if grad_w is not None:
+                    grad_w.addmm_(g.T.to(acc_dtype), chunk_rows.to(acc_dtype))
+                if grad_rows is not None:
+                    grad_rows[start:stop] = (g.to(compute_dtype) @ w).to(rows.dtype)
+        ctx.save_for_backward(grad_rows, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):  # noqa: D102
-        rows, weight, bias, targets, lse = ctx.saved_tensors
-        need_rows, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype, chunk_size = ctx.compute_dtype, ctx.chunk_size
-        acc_dtype = lse.dtype
-        grad_rows = torch.empty_like(rows) if need_rows else None
-        # Weight / bias grads are summed over chunks in >= fp32 even when matmuls run in bf16.
-        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_b else None
-        with torch.autocast(rows.device.type, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for start in range(0, rows.shape[0], chunk_size):
-                stop = start + chunk_size
-                chunk_rows = rows[start:stop].to(dtype)
-                # g = (softmax(z) - onehot(y)) * dL, recomputed instead of saved.
-                g = _chunk_logits(chunk_rows, w, b)
-                g.sub_(lse[start:stop, None]).exp_()
-                g[torch.arange(g.shape[0], device=g.device), targets[start:stop]] -= 1
-                g.mul_(grad_total.to(g.dtype))
-                if grad_b is not None:
-                    grad_b += g.sum(dim=0)
-                g = g.to(dtype)
-                if grad_rows is not None:
-                    grad_rows[start:stop] = (g @ w).to(rows.dtype)
-                if grad_w is not None and g.dtype == acc_dtype:
-                    grad_w.addmm_(g.T, chunk_rows)  # in place: no second [V, H] temporary
-                elif grad_w is not None:
-                    grad_w += g.T @ chunk_rows
+        grad_rows, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        if grad_rows is not None:
+            grad_rows = grad_rows * grad_total.to(grad_rows.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total.to(grad_w.dtype)).to(w_dtype)
+        if grad_b is not None:
+            grad_b = (grad_b * grad_total.to(grad_b.dtype)).to(b_dtype)
         return (
             grad_rows,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
+            grad_w,
+            grad_b,
             None,
             None,
             None,
