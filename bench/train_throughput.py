@@ -37,8 +37,13 @@ def batches(tokenizer, steps: int):
     return torch.tensor(ids).view(steps, BATCH, SEQ)
 
 
-def worker(kind: str, steps: int, init_dir: str, bf16: bool, threads: int) -> dict:
+def worker(kind: str, steps: int, init_dir: str, bf16: bool, threads: int, tuned_malloc: bool) -> dict:
     import torch
+
+    from deltatune.utils.memory import tune_allocator
+
+    if tuned_malloc:  # what deltatune's trainer does at start-up; also tried on PEFT for a fair view
+        tune_allocator()
 
     torch.set_num_threads(threads)
     import deltatune
@@ -107,9 +112,10 @@ def train_flops_per_token(n_params_matmul: int) -> float:
     return 4 * n_params_matmul
 
 
-def run_one(kind, steps, init_dir, bf16, threads) -> dict:
+def run_one(kind, steps, init_dir, bf16, threads, tuned_malloc=None) -> dict:
+    tuned_malloc = kind == "deltatune" if tuned_malloc is None else tuned_malloc
     out = subprocess.run([sys.executable, __file__, "--worker", kind, "--steps", str(steps), "--init", init_dir,
-                          "--threads", str(threads)] + (["--bf16"] if bf16 else []),
+                          "--threads", str(threads)] + (["--bf16"] if bf16 else []) + (["--tuned-malloc"] if tuned_malloc else []),
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
@@ -124,9 +130,10 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--init")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--tuned-malloc", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.init, args.bf16, args.threads)))
+        print(json.dumps(worker(args.worker, args.steps, args.init, args.bf16, args.threads, args.tuned_malloc)))
         return
 
     import torch
@@ -147,6 +154,7 @@ def main() -> None:
     results = {
         "peft fp32": run_one("peft", args.steps, init_dir, False, args.threads),
         "deltatune fp32": run_one("deltatune", args.steps, init_dir, False, args.threads),
+        "peft fp32 + tuned malloc": run_one("peft", args.steps, init_dir, False, args.threads, tuned_malloc=True),
     }
     if args.bf16_steps:
         results["deltatune bf16"] = run_one("deltatune", args.bf16_steps, init_dir, True, args.threads)

@@ -1,0 +1,33 @@
+"""Process-level memory settings for training on the CPU."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
+    """Make glibc return activation-sized blocks to the OS as soon as they are freed.
+
+    Why: glibc raises its mmap threshold dynamically (up to 32 MiB) each time a large mmapped
+    block is freed, after which activation-sized tensors are carved from the heap and never
+    given back; a training step's peak RSS then grows to about twice its live memory (measured
+    on SmolLM2-135M LoRA, seq 256 x batch 8: 8.0 GB vs 3.5 GB). A fixed threshold keeps every
+    block >= ``mmap_threshold`` mmapped, so freeing it unmaps it. Returns False where this is
+    not glibc (macOS, musl): nothing is changed there.
+    """
+    global _done
+    if _done or not sys.platform.startswith("linux"):
+        return _done
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, mmap_threshold) == 1
+    except (OSError, AttributeError):
+        return False
+    _done = ok
+    return ok
