@@ -117,3 +117,26 @@ def test_generate_through_facade(tiny_llama, input_ids):
 
 def test_list_methods():
     assert "lora" in deltatune.list_methods()
+
+
+def test_lora_forward_and_grads_match_naive_formula():
+    """y = x Wᵀ + b + s · x Aᵀ Bᵀ, and its gradients, against plain PyTorch."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    x = torch.randn(4, 6, requires_grad=True)
+    model = deltatune.attach(base, {"method": "lora", "r": 3, "alpha": 6, "targets": "0"})
+    randomize_delta(model, std=0.3)
+    branch = model.base_model[0].deltas["default"]
+    A, B, W, b = branch.lora_A.weight, branch.lora_B.weight, base[0].base_layer.weight, base[0].base_layer.bias
+    y = model(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    A_ref, B_ref = A.detach().clone().requires_grad_(True), B.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ W.T + b + 2.0 * (x_ref @ A_ref.T @ B_ref.T)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(A.grad, A_ref.grad)
+    torch.testing.assert_close(B.grad, B_ref.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert W.grad is None  # the base stays frozen

@@ -56,8 +56,10 @@ class LoraBranch(DeltaBranch):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         # Run the low-rank path in the LoRA weights' dtype (fp32 under a bf16 base, say) and
         # add in the base output's dtype.
-        x = x.to(self.lora_A.weight.dtype)
-        return base_out + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(base_out.dtype)
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))).to(base_out.dtype)
+        # base_out is a fresh tensor that no backward formula keeps, so the scaled add can write
+        # into it: one pass over [tokens, out] instead of three (scale, add, new tensor).
+        return base_out.add_(update, alpha=self.scaling)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """ΔW = s · B @ A, shape [out, in]."""
