@@ -4,16 +4,20 @@ import torch
 from torch import nn
 
 import deltatune
-from deltatune.core.targets import select_targets
+from deltatune.core.targets import matches, select_targets
 from tests.helpers import randomize_delta
 
 
-def lora_count(module: nn.Linear, cfg) -> int:
+def lora_count(name: str, module: nn.Linear, cfg) -> int:
     return cfg.r * (module.in_features + module.out_features)
 
 
+def ia3_count(name: str, module: nn.Linear, cfg) -> int:
+    return module.in_features if any(matches(p, name) for p in cfg.feedforward) else module.out_features
+
+
 # method → trainable parameters for one wrapped module. A new method adds its formula here.
-PARAM_FORMULAS = {"lora": lora_count}
+PARAM_FORMULAS = {"lora": lora_count, "ia3": ia3_count}
 METHODS = deltatune.list_methods()
 MODELS = ["tiny_llama", "tiny_bert_cls"]
 
@@ -43,7 +47,7 @@ def test_contract(method, model_name, batch, request, tmp_path):
     assert method in PARAM_FORMULAS, f"add the parameter formula of {method!r} to PARAM_FORMULAS"
     targets = select_targets(base, spec.resolve_targets(base, cfg), cfg.exclude, spec.can_wrap)
     modules = dict(base.named_modules())
-    expected = sum(PARAM_FORMULAS[method](modules[t + ".base_layer"], cfg) for t in targets)
+    expected = sum(PARAM_FORMULAS[method](t, modules[t + ".base_layer"], cfg) for t in targets)
     assert model.parameter_report()["trainable"] == expected
 
     randomize_delta(model, std=0.2)

@@ -62,6 +62,7 @@ class DeltaModel(nn.Module):
         if self._merged:
             raise DeltatuneError("deltas are merged into the base weights; unmerge() before attaching another")
         method = get_method(config.method)
+        config = method.resolve_config(self.base_model, config)
         targets = select_targets(
             self.base_model,
             method.resolve_targets(self.base_model, config),

@@ -28,12 +28,16 @@ class DeltaWrapper(nn.Module):
         self.disabled = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return out
-        for name in self.active:
-            if name not in self.merged:
-                out = self.deltas[name](x, out)
+            return self.base_layer(x, *args, **kwargs)
+        running = [self.deltas[n] for n in self.active if n not in self.merged]
+        base_in = x
+        for branch in running:
+            if branch.transforms_input:
+                base_in = branch.transform_input(base_in)
+        out = self.base_layer(base_in, *args, **kwargs)
+        for branch in running:
+            out = branch(x, out)
         return out
 
     def __getattr__(self, name: str):

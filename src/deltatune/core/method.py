@@ -29,7 +29,17 @@ class Capabilities:
 
 
 class DeltaBranch(nn.Module):
-    """One named delta at one wrapped module. Parameters of a branch are its delta parameters."""
+    """One named delta at one wrapped module. Parameters of a branch are its delta parameters.
+
+    A branch acts on the module's output (``forward``) and, if ``transforms_input`` is set,
+    also on its input before the base module runs (``transform_input``) — where a delta is
+    inserted is data, not a subclass.
+    """
+
+    transforms_input: bool = False
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -76,11 +86,17 @@ class DeltaMethod:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         return self.default_targets.get(model_type, self.default_targets["*"])
 
+    def resolve_config(self, model: nn.Module, config: DeltaConfig) -> DeltaConfig:
+        """Fill architecture-dependent defaults into ``config`` (the stored, saved config)."""
+        return config
+
     def make_branch(self, module_name: str, module: nn.Module, config: DeltaConfig) -> DeltaBranch:
         raise NotImplementedError
 
     # --- PEFT file compatibility (only for methods with a peft_type) ---
-    def to_peft_config(self, config: DeltaConfig, target_patterns: list[str]) -> dict[str, Any]:
+    def to_peft_config(self, config: DeltaConfig, target_patterns: list[str], target_names: list[str]) -> dict[str, Any]:
+        """PEFT's adapter_config fields. ``target_patterns``: the shortest equivalent pattern list;
+        ``target_names``: the exact logical module names."""
         raise NotImplementedError
 
     def from_peft_config(self, peft_config: dict[str, Any], source: str) -> DeltaConfig:

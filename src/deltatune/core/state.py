@@ -53,10 +53,10 @@ def save_delta_dir(model, name: str, path: str | Path) -> None:
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if method.peft_type is not None:
-            peft = method.to_peft_config(config, compact_patterns(base, targets))
+            peft = method.to_peft_config(config, compact_patterns(base, targets), targets)
             peft.update({
                 "base_model_name_or_path": base_id,
-                "task_type": _peft_task_type(base),
+                "task_type": _peft_task_type(base, bool(config.modules_to_save)),
                 "inference_mode": True,
                 "revision": None,
                 "peft_version": None,
@@ -72,16 +72,18 @@ def _modules_to_save(model, name: str) -> set[str]:
     return {k.rsplit("." + FULL_COPY_KEY + ".", 1)[0] for k in model.delta_state_dict(name) if f".{FULL_COPY_KEY}." in k}
 
 
-def _peft_task_type(base) -> str | None:
+def _peft_task_type(base, saves_modules: bool) -> str | None:
+    """PEFT's task_type. Not SEQ_CLS/TOKEN_CLS for a delta without a trained head: PEFT would then
+    expect the head's weights in the file (it adds the classifier to modules_to_save)."""
     arch = (getattr(getattr(base, "config", None), "architectures", None) or [type(base).__name__])[0]
     cls = type(base).__name__
     for name in (cls, arch):
         if name.endswith("ForCausalLM"):
             return "CAUSAL_LM"
         if name.endswith("ForSequenceClassification"):
-            return "SEQ_CLS"
+            return "SEQ_CLS" if saves_modules else None
         if name.endswith("ForTokenClassification"):
-            return "TOKEN_CLS"
+            return "TOKEN_CLS" if saves_modules else None
     return "FEATURE_EXTRACTION" if cls.endswith("Model") else None
 
 

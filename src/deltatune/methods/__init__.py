@@ -1,2 +1,2 @@
 """Built-in delta methods; importing this package registers them."""
-from deltatune.methods import lora  # noqa: F401
+from deltatune.methods import ia3, lora  # noqa: F401

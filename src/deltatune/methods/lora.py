@@ -80,7 +80,7 @@ class LoraMethod(DeltaMethod):
         dtype = torch.float32 if module.weight.dtype in (torch.float16, torch.bfloat16) else module.weight.dtype
         return LoraBranch(module.in_features, module.out_features, config).to(dtype=dtype)
 
-    def to_peft_config(self, config: LoraConfig, target_patterns: list[str]) -> dict[str, Any]:
+    def to_peft_config(self, config: LoraConfig, target_patterns: list[str], target_names: list[str]) -> dict[str, Any]:
         return {
             "peft_type": "LORA",
             "r": config.r,

@@ -180,3 +180,13 @@ def test_two_processes_match_one(lm_dir, tmp_path):
     for step in l1:
         assert abs(l1[step] - l2[step]) < 1e-5, (step, l1[step], l2[step])
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_early_stopping(lm_dir, tmp_path):
+    # lr 0: the eval metric never improves, so patience 2 stops the run at the third evaluation.
+    path, over = lm_recipe(lm_dir, tmp_path, "early", **{"optim.lr": "1e-12", "train.eval_every": 2,
+                                                        "train.early_stopping_patience": 2, "eval.metric": "loss"})
+    result = train(load_recipe(path, over))
+    assert result["step"] == 6
+    evals = [json.loads(line) for line in (tmp_path / "early" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [e["step"] for e in evals] == [2, 4, 6, 6]
