@@ -8,6 +8,7 @@ it. It owns the bookkeeping — which deltas exist, which are active, which are 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from deltatune.core.config import DeltaConfig
 from deltatune.core.full_copy import FullCopyBranch
-from deltatune.core.inject import DeltaWrapper, get_logical, install_branch, iter_wrappers, remove_branch, unwrap
+from deltatune.core.inject import get_logical, install_branch, iter_wrappers, remove_branch, unwrap
 from deltatune.core.registry import get_method, parse_delta_config
 from deltatune.core.targets import select_targets
 from deltatune.utils.errors import ConfigError, DeltatuneError, did_you_mean
@@ -171,7 +172,7 @@ class DeltaModel(nn.Module):
                     continue
                 branch = wrapper.deltas[name]
                 if safe:
-                    probe = _clone_params(wrapper.base_layer)
+                    probe = copy.deepcopy(wrapper.base_layer)
                     branch.merge(probe)
                     if not all(torch.isfinite(p).all() for p in probe.parameters()):
                         raise DeltatuneError(f"merging delta {name!r} into {module_name!r} gives NaN/inf weights; nothing was merged there")
@@ -248,12 +249,3 @@ class DeltaModel(nn.Module):
             return next(iter(self.delta_configs))
         raise ConfigError(f"several deltas attached ({sorted(self.delta_configs)}); name the one you mean")
 
-
-def _clone_params(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
-
-
-def is_wrapped(model: nn.Module) -> bool:
-    return any(isinstance(m, DeltaWrapper) for m in model.modules())

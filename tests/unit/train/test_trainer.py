@@ -190,3 +190,15 @@ def test_early_stopping(lm_dir, tmp_path):
     assert result["step"] == 6
     evals = [json.loads(line) for line in (tmp_path / "early" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert [e["step"] for e in evals] == [2, 4, 6, 6]
+
+
+def test_full_finetune_saves_a_model(lm_dir, tmp_path):
+    path, over = lm_recipe(lm_dir, tmp_path, "full-ft", **{"train.max_steps": 3, "optim.lr": "1e-3"})
+    text = path.read_text().replace("delta:\n  method: lora\n  r: 4\n  alpha: 8\n  targets: all-linear\n", "delta: null\n")
+    path.write_text(text)
+    result = train(load_recipe(path, over))
+    saved = tmp_path / "full-ft" / "model"
+    assert result["adapter"] == str(saved) and (saved / "model.safetensors").is_file()
+    tuned, base = deltatune.load_model(saved), deltatune.load_model(lm_dir)
+    changed = [n for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(a, b)]
+    assert len(changed) == len(list(base.named_parameters()))  # every weight was trained
