@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import deltatune
-from deltatune.core.targets import matches, select_targets
+from deltatune.core.targets import matches
 from tests.helpers import randomize_delta
 
 
@@ -16,8 +16,24 @@ def ia3_count(name: str, module: nn.Linear, cfg) -> int:
     return module.in_features if any(matches(p, name) for p in cfg.feedforward) else module.out_features
 
 
+def features(module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+
+
+def has_bias(module) -> bool:
+    return getattr(module, "bias", None) is not None
+
+
 # method → trainable parameters for one wrapped module. A new method adds its formula here.
-PARAM_FORMULAS = {"lora": lora_count, "ia3": ia3_count}
+PARAM_FORMULAS = {
+    "lora": lora_count,
+    "ia3": ia3_count,
+    "ssf": lambda name, m, cfg: 2 * features(m),
+    "bitfit": lambda name, m, cfg: features(m),
+    "norm_tuning": lambda name, m, cfg: features(m) * (2 if has_bias(m) else 1),
+}
+# (method, model) pairs that must refuse to attach, with the reason the error must give.
+ATTACH_ERRORS = {("bitfit", "tiny_llama"): "has no module with a bias"}
 METHODS = deltatune.list_methods()
 MODELS = ["tiny_llama", "tiny_bert_cls"]
 
@@ -38,6 +54,10 @@ def test_contract(method, model_name, batch, request, tmp_path):
     base = request.getfixturevalue(model_name)
     spec = deltatune.get_method(method)
     ref = run(base, batch)
+    if (method, model_name) in ATTACH_ERRORS:
+        with pytest.raises(deltatune.DeltatuneError, match=ATTACH_ERRORS[method, model_name]):
+            deltatune.attach(base, {"method": method})
+        return
     model = deltatune.attach(base, {"method": method})
     cfg = model.delta_configs["default"]
 
@@ -45,7 +65,7 @@ def test_contract(method, model_name, batch, request, tmp_path):
         assert torch.equal(run(model, batch), ref), "output changed at init"
 
     assert method in PARAM_FORMULAS, f"add the parameter formula of {method!r} to PARAM_FORMULAS"
-    targets = select_targets(base, spec.resolve_targets(base, cfg), cfg.exclude, spec.can_wrap)
+    targets = model.delta_targets["default"]
     modules = dict(base.named_modules())
     expected = sum(PARAM_FORMULAS[method](t, modules[t + ".base_layer"], cfg) for t in targets)
     assert model.parameter_report()["trainable"] == expected

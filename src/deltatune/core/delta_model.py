@@ -69,7 +69,7 @@ class DeltaModel(nn.Module):
             method.resolve_targets(self.base_model, config),
             config.exclude,
             method.can_wrap,
-            " / ".join(t.__name__ for t in method.wraps),
+            method.target_kind,
         )
         saved = select_targets(self.base_model, config.modules_to_save, (), lambda m: True) if config.modules_to_save else []
         overlap = set(targets) & set(saved)

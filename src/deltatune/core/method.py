@@ -72,6 +72,7 @@ class DeltaMethod:
     # model_type → default target patterns when the config gives none; "*" is the fallback.
     default_targets: ClassVar[dict[str, str | list[str]]] = {"*": "all-linear"}
     wraps: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    target_kind: ClassVar[str] = "nn.Linear"  # what can_wrap accepts, for error messages
     # Branch-local parameter keys as saved (e.g. "lora_A.weight"); used to split file keys.
     branch_keys: ClassVar[tuple[str, ...]] = ()
     # PEFT's peft_type for this method, or None when PEFT has no equivalent.
