@@ -202,14 +202,18 @@ class ExampleEncoder:
             return self._classification(record)
         if self.format == "text":
             segments, add_special = [(self._text(record, "text"), True)], True
-        elif self.format == "instruction":
-            segments, add_special = self._instruction(record)
-        elif self.format == "chat":
-            messages = normalize_messages(self._get(record, "messages"), record.origin)
-            segments, add_special = self._chat(messages, record.origin), False
+        elif self.format in ("instruction", "chat"):
+            segments, add_special = self._conversation_segments(record)
         else:
             raise ConfigError(f"unknown data format {self.format!r}; expected one of {', '.join(LM_FORMATS)}, classification")
         return self._lm_example(record, segments, add_special)
+
+    def _conversation_segments(self, record: Record) -> tuple[Segments, bool]:
+        """Segments of an instruction or chat record, and whether tokenizing adds special tokens."""
+        if self.format == "instruction":
+            return self._instruction(record)
+        messages = normalize_messages(self._get(record, "messages"), record.origin)
+        return self._chat(messages, record.origin), False
 
     def generation_example(self, record: Record) -> dict[str, Any]:
         """``{"prompt", "response", "add_special_tokens"}`` for scoring generations of ``record``.
@@ -220,16 +224,13 @@ class ExampleEncoder:
         """
         if record.error is not None:
             raise DataError(record.error)
-        if self.format == "instruction":
-            segments, add_special = self._instruction(record)
-        elif self.format == "chat":
-            messages = normalize_messages(self._get(record, "messages"), record.origin)
-            segments, add_special = self._chat(messages, record.origin), False
-        else:
+        if self.format not in ("instruction", "chat"):
             raise ConfigError(f"generation needs instruction or chat data with a reference answer, not {self.format!r}")
+        segments, add_special = self._conversation_segments(record)
         first = next((i for i, (_, trained) in enumerate(segments) if trained), len(segments))
         prompt = "".join(text for text, _ in segments[:first])
         if self.format == "chat":
+            messages = normalize_messages(self._get(record, "messages"), record.origin)
             response = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
         else:
             data = record.data or {}

@@ -191,3 +191,15 @@ def test_slow_tokenizer_fallback_tokenizes_segments(chat_tokenizer):
     slow, _ = ExampleEncoder(DataConfig(), SlowTokenizer(chat_tokenizer), "chat")(rec(messages=messages))
     assert chat_tokenizer.decode(trained(slow)) == chat_tokenizer.decode(trained(fast)) == "the quick fox<|end|>"
     assert chat_tokenizer.decode(slow["input_ids"]) == chat_tokenizer.decode(fast["input_ids"])
+
+
+def test_generation_example_prompt_is_the_trained_prefix(plain_tokenizer, chat_tokenizer):
+    record = Record({"prompt": "what is the capital", "response": "paris"}, "f.jsonl:1")
+    plain = ExampleEncoder(DataConfig(template="plain"), plain_tokenizer, "instruction").generation_example(record)
+    assert plain == {"prompt": "what is the capital\n\n", "response": "paris", "add_special_tokens": True}
+
+    chat = Record({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}, "f.jsonl:2")
+    ex = ExampleEncoder(DataConfig(), chat_tokenizer, "chat").generation_example(chat)
+    assert ex == {"prompt": "<|user|>hello<|end|><|assistant|>", "response": "world", "add_special_tokens": False}
+    with pytest.raises(ConfigError, match="generation needs instruction or chat data"):
+        ExampleEncoder(DataConfig(), plain_tokenizer, "text").generation_example(Record({"text": "x"}, "f:3"))
