@@ -61,3 +61,28 @@ def test_inspect_real_model_reports_fast_cached_load():
     line = next(line for line in r.stdout.splitlines() if line.startswith("load time:"))
     assert "LlamaForCausalLM" in r.stdout and "134,515,008" in r.stdout
     assert float(line.split()[2]) < 3.0, line
+
+
+def test_train_print_config_and_unknown_override():
+    r = cli("train", "--print-config", "train.max_steps=7")
+    assert r.returncode == 0, r.stderr
+    assert "max_steps: 7" in r.stdout and "method: lora" in r.stdout and "task: addition" in r.stdout
+    r = cli("train", "optim.learning_rate=0.1")
+    assert r.returncode == 2 and r.stderr.startswith("error: <built-in recipe>: unknown key 'optim.learning_rate'")
+
+
+def test_eval_command_with_adapter(tmp_path):
+    from tests.helpers import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "lm")
+    base = deltatune.load_model(model_dir)
+    deltatune.attach(base, {"method": "lora", "r": 2}).save_delta(tmp_path / "ad")
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "1+2=", "response": "3"}\n{"prompt": "2+2=", "response": "4"}\n')
+    r = cli("eval", "--model", str(model_dir), "--adapter", str(tmp_path / "ad"), "--data", str(data),
+            "--template", "plain", "--metric", "exact_match", "--max-new-tokens", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    assert metrics["n"] == 2 and 0.0 <= metrics["exact_match"] <= 1.0 and metrics["loss"] > 0
