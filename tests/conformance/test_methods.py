@@ -32,6 +32,16 @@ PARAM_FORMULAS = {
     "bitfit": lambda name, m, cfg: features(m),
     "norm_tuning": lambda name, m, cfg: features(m) * (2 if has_bias(m) else 1),
 }
+def bottleneck_count(name: str, module, cfg) -> int:
+    from deltatune.methods.bottleneck import block_features
+
+    d_in, d_out = block_features(module)
+    z = d_in if cfg.placement == "parallel" else d_out
+    return z * cfg.size + cfg.size + cfg.size * d_out + d_out
+
+
+PARAM_FORMULAS["bottleneck"] = bottleneck_count
+
 # (method, model) pairs that must refuse to attach, with the reason the error must give.
 ATTACH_ERRORS = {("bitfit", "tiny_llama"): "has no module with a bias"}
 METHODS = deltatune.list_methods()

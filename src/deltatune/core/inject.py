@@ -27,15 +27,22 @@ class DeltaWrapper(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
         if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(*args, **kwargs)
+        # The module's main input: its first positional argument, or — for blocks that model code
+        # calls by keyword, like attention(hidden_states=..., ...) — its first keyword argument.
+        key = None if args else next(iter(kwargs))
+        x = args[0] if args else kwargs[key]
         running = [self.deltas[n] for n in self.active if n not in self.merged]
         base_in = x
         for branch in running:
             if branch.transforms_input:
                 base_in = branch.transform_input(base_in)
-        out = self.base_layer(base_in, *args, **kwargs)
+        if args:
+            out = self.base_layer(base_in, *args[1:], **kwargs)
+        else:
+            out = self.base_layer(**{**kwargs, key: base_in})
         for branch in running:
             out = branch(x, out)
         return out
