@@ -72,9 +72,9 @@ class DeltaModel(nn.Module):
             method.target_kind,
         )
         saved = select_targets(self.base_model, config.modules_to_save, (), lambda m: True) if config.modules_to_save else []
-        overlap = set(targets) & set(saved)
+        overlap = [t for t in targets for m in saved if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
         if overlap:
-            raise ConfigError(f"module {sorted(overlap)[0]!r} is both a target and in modules_to_save")
+            raise ConfigError(f"module {overlap[0]!r} is a target and also in (or contains) a module in modules_to_save")
         installed: list[str] = []
         try:
             for module_name in targets:
@@ -153,42 +153,59 @@ class DeltaModel(nn.Module):
     # --- merge ---
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
-        """Fold deltas (default: the active ones) into the base weights.
+        """Fold deltas (default: the active ones) into the base weights, in attach order.
 
-        ``safe=True`` computes each merged weight on a copy and refuses to write NaN/inf.
+        A delta folds into a module only if every active delta applied before it there is folded
+        too (the forward applies branches in attach order, so anything else would change the
+        output). ``safe=True`` first computes every merged weight on a copy and refuses NaN/inf.
+        If merging fails part-way, the modules already merged for that delta are restored.
         """
-        names = self.active if names is None else names
+        names = self.active if names is None else list(names)
         for name in names:
             self._check_name(name)
-            if name in self._merged:
-                continue
             method = get_method(self.delta_configs[name].method)
             if not method.capabilities.mergeable:
                 raise DeltatuneError(f"delta {name!r} ({method.name}) cannot be merged into the weights")
             if name not in self._active:
                 raise DeltatuneError(f"delta {name!r} is not active; only active deltas can be merged")
-            for module_name, wrapper in iter_wrappers(self.base_model):
-                if name not in wrapper.deltas:
-                    continue
-                branch = wrapper.deltas[name]
+        for name in [n for n in self.delta_configs if n in names and n not in self._merged]:
+            wrappers = [(m, w) for m, w in iter_wrappers(self.base_model) if name in w.deltas]
+            for module_name, wrapper in wrappers:
+                before = list(wrapper.deltas)[: list(wrapper.deltas).index(name)]
+                blocking = [n for n in before if n in wrapper.active and n not in wrapper.merged]
+                if blocking:
+                    raise DeltatuneError(
+                        f"cannot merge {name!r} into {module_name!r}: {blocking[0]!r} is applied before it there and is "
+                        f"not merged; merge {blocking[0]!r} as well (merge([{blocking[0]!r}, {name!r}]))"
+                    )
                 if safe:
                     probe = copy.deepcopy(wrapper.base_layer)
-                    branch.merge(probe)
+                    wrapper.deltas[name].merge(probe)
                     if not all(torch.isfinite(p).all() for p in probe.parameters()):
-                        raise DeltatuneError(f"merging delta {name!r} into {module_name!r} gives NaN/inf weights; nothing was merged there")
-                branch.merge(wrapper.base_layer)
-                wrapper.merged.append(name)
+                        raise DeltatuneError(f"merging delta {name!r} into {module_name!r} gives NaN/inf weights; nothing was merged")
+            done = []
+            try:
+                for _, wrapper in wrappers:
+                    wrapper.deltas[name].merge(wrapper.base_layer)
+                    wrapper.merged.append(name)
+                    done.append(wrapper)
+            except BaseException:
+                for wrapper in reversed(done):
+                    wrapper.deltas[name].unmerge(wrapper.base_layer)
+                    wrapper.merged.remove(name)
+                raise
             self._merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo every merge, last merged first (the exact inverse of :meth:`merge`)."""
         while self._merged:
-            name = self._merged.pop()
+            name = self._merged[-1]
             for _, wrapper in iter_wrappers(self.base_model):
                 if name in wrapper.merged:
                     wrapper.deltas[name].unmerge(wrapper.base_layer)
                     wrapper.merged.remove(name)
+            self._merged.pop()
 
     @property
     def merged(self) -> list[str]:

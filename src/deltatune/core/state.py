@@ -103,7 +103,12 @@ def read_delta_config(path: str | Path) -> DeltaConfig:
     for method_name in list_methods():
         method = get_method(method_name)
         if method.peft_type is not None and method.peft_type == peft_type:
-            return method.from_peft_config(data, str(peft))
+            try:
+                return method.from_peft_config(data, str(peft))
+            except DeltaFileError:
+                raise
+            except (KeyError, TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+                raise DeltaFileError(f"{peft}: invalid {peft_type} config ({one_line(err)})") from None
     raise DeltaFileError(f"{peft}: PEFT type {peft_type!r} is not supported; deltatune reads {sorted(get_method(m).peft_type for m in list_methods() if get_method(m).peft_type)}")
 
 
@@ -177,6 +182,9 @@ def load_delta_dir(model, path: str | Path, name: str) -> None:
                 + (f" (closest: {near[0]!r})" if near else "") + "; was it saved for another base model?"
             )
     exact = config.model_copy(update={"targets": list(modules) or None, "exclude": [], "modules_to_save": list(saved)})
+    # attach() makes the new delta the active and trainable one; a failed load must not change either.
+    previous_active = model.active
+    previous_trainable = [p for p in model.parameters() if p.requires_grad]
     model.attach(exact, name=name)
     try:
         params = model.delta_state_dict(name)
@@ -194,6 +202,9 @@ def load_delta_dir(model, path: str | Path, name: str) -> None:
                 target.copy_(tensors[key].to(target.dtype))
     except BaseException:
         model.detach(name)
+        model.set_active(previous_active)
+        for p in previous_trainable:
+            p.requires_grad_(True)
         raise
     # Keep the config as saved (the user's patterns, not the exact module list).
     model.delta_configs[name] = config

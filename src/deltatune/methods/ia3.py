@@ -52,6 +52,8 @@ class IA3Branch(DeltaBranch):
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
+        if (self.ia3_l == 0).any():  # checked before touching W: a zero scale cannot be undone
+            raise DeltatuneError("an (IA)³ scale is exactly 0: merging would lose the weights it scales")
         base.weight.data *= self.ia3_l.to(base.weight.dtype)
         if not self.transforms_input and base.bias is not None:
             base.bias.data *= self.ia3_l.flatten().to(base.bias.dtype)

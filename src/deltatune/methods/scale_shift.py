@@ -55,6 +55,11 @@ class ScaleShiftBranch(DeltaBranch):
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
+        # Everything that can refuse is checked before any weight changes.
+        if self.has_scale and (self.scale == 0).any():
+            raise DeltatuneError("a scale is exactly 0: merging would lose the weights it scales")
+        if self.has_shift and getattr(base, "bias", None) is None and not isinstance(base, nn.Linear):
+            raise DeltatuneError(f"cannot merge a shift into {type(base).__name__}: it has no bias to hold it")
         if self.has_scale:
             base.weight.data *= self.scale.view(-1, *[1] * (base.weight.dim() - 1)).to(base.weight.dtype)
             if getattr(base, "bias", None) is not None:
@@ -67,6 +72,8 @@ class ScaleShiftBranch(DeltaBranch):
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
+        if self.has_scale and (self.scale == 0).any():
+            raise DeltatuneError("a scale is exactly 0: the merge cannot be undone")
         if self.has_shift:
             if self._added_bias:
                 base.bias = None
@@ -74,8 +81,6 @@ class ScaleShiftBranch(DeltaBranch):
             else:
                 base.bias.data -= self.shift.to(base.bias.dtype)
         if self.has_scale:
-            if (self.scale == 0).any():
-                raise DeltatuneError("a scale is exactly 0: the merge cannot be undone")
             base.weight.data /= self.scale.view(-1, *[1] * (base.weight.dim() - 1)).to(base.weight.dtype)
             if getattr(base, "bias", None) is not None:
                 base.bias.data /= self.scale.to(base.bias.dtype)

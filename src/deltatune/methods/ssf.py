@@ -34,4 +34,6 @@ class SSFMethod(DeltaMethod):
         return isinstance(module, nn.Linear) or is_norm(module)
 
     def make_branch(self, module_name: str, module: nn.Module, config: SSFConfig) -> ScaleShiftBranch:
-        return ScaleShiftBranch(output_features(module), scale=True, shift=True, dtype=module.weight.dtype)
+        # A shift needs somewhere to merge: a linear layer (which can take a bias) or a norm with a bias.
+        shift = isinstance(module, nn.Linear) or getattr(module, "bias", None) is not None
+        return ScaleShiftBranch(output_features(module), scale=True, shift=shift, dtype=module.weight.dtype)

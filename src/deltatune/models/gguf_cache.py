@@ -76,7 +76,7 @@ def converted_dir(gguf_path: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = str(gguf_path)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=False) as tmp:  # concurrent ranks: first one wins, others reuse it
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return target

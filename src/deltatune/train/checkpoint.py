@@ -77,6 +77,12 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, scheduler)
     if set(tensors) != set(params):
         missing = sorted(set(params) - set(tensors))[:1] or sorted(set(tensors) - set(params))[:1]
         raise DeltatuneError(f"{ckpt}: checkpoint does not match this recipe's trainable parameters (first difference: {missing[0]!r})")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise DeltatuneError(
+                f"{ckpt}: parameter {name!r} has shape {list(tensors[name].shape)} in the checkpoint but "
+                f"{list(p.shape)} in this recipe's model; resume with the recipe the run was started with"
+            )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])

@@ -19,6 +19,7 @@ from deltatune.utils.errors import ConfigError
 class DistInfo:
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def enabled(self) -> bool:
@@ -30,19 +31,30 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
+    """Process group (NCCL with GPUs, gloo on CPU) and this process's device (``cuda:LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     if world <= 1:
-        return DistInfo()
+        return DistInfo(device=device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum over processes (a no-op for one); the result is on the CPU."""
     if info.enabled:
-        value = value.clone()
+        value = value.to(info.device).clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+    return value.cpu()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def slice_batch(batch: dict, info: DistInfo) -> dict:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from deltatune.data import iter_batches, make_collator
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TrainRecipe, recipe_to_yaml
-from deltatune.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, slice_batch
+from deltatune.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, slice_batch, to_device
 from deltatune.train.metrics import MetricsLog, accuracy_and_macro_f1, peak_rss_mb, plot_loss_curve
 from deltatune.train.objective import CausalLMObjective, ClassificationObjective, predict_classes
 from deltatune.train.optim import build_optimizer, build_scheduler
@@ -52,7 +52,7 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
     tokenizer = deltatune.load_tokenizer(recipe.model.name)
     data = prepare_data(recipe, tokenizer, run_dir, write=info.is_main)
     seed_everything(cfg.seed)  # the delta's init does not depend on how much data was read
-    model = build_model(recipe, data.report.num_labels)
+    model = build_model(recipe, data.report.num_labels).to(info.device)
     classification = recipe.model.task == "sequence-classification"
     objective = ClassificationObjective(model) if classification else CausalLMObjective(model, cfg.loss_chunk_size)
     if cfg.compile:
@@ -81,14 +81,17 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
         if log:
             log.log({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
-    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and info.is_main))
     step, last_loss = start, float("nan")
+    # The data position that goes with the weights of `step`: an interruption inside a step must
+    # not checkpoint the position of batches whose update never happened.
+    data_state = stream.state_dict()
     model.train()
     try:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
-            micro = [slice_batch(next(stream), info) for _ in range(cfg.grad_accum)]
+            micro = [to_device(slice_batch(next(stream), info), info.device) for _ in range(cfg.grad_accum)]
             local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) if not classification else len(b["labels"]) for b in micro)
             total_targets = all_reduce_sum(torch.tensor(float(local_targets)), info).item()
             loss_total = torch.zeros(())
@@ -97,13 +100,14 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                     loss_sum, _ = wrapped(batch)
                 # DDP averages gradients over processes; scale so the result is sum / global count.
                 (loss_sum * info.world / max(total_targets, 1.0)).backward()
-                loss_total += loss_sum.detach().float()
+                loss_total += loss_sum.detach().float().cpu()
             if recipe.optim.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            data_state = stream.state_dict()
             last_loss = all_reduce_sum(loss_total, info).item() / max(total_targets, 1.0)
             seconds = time.perf_counter() - t0
             tokens = all_reduce_sum(torch.tensor(float(sum(real_tokens(b) for b in micro))), info).item()
@@ -121,12 +125,13 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                     say(f"early stopping at step {step}: no improvement in {cfg.early_stopping_patience} evaluations")
                     break
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                _checkpoint(info, run_dir, step, model, optimizer, scheduler, stream, early, cfg.keep_last)
+                _checkpoint(info, run_dir, step, model, optimizer, scheduler, data_state, early, cfg.keep_last)
             if stop_after is not None and step >= start + stop_after:
-                _checkpoint(info, run_dir, step, model, optimizer, scheduler, stream, early, cfg.keep_last)
+                _checkpoint(info, run_dir, step, model, optimizer, scheduler, data_state, early, cfg.keep_last)
                 return {"step": step, "stopped": True, "loss": last_loss}
     except KeyboardInterrupt:
-        _checkpoint(info, run_dir, step, model, optimizer, scheduler, stream, early, cfg.keep_last)
+        # No barrier here: the other processes may be inside a collective and never reach it.
+        _checkpoint(info, run_dir, step, model, optimizer, scheduler, data_state, early, cfg.keep_last, sync=False)
         say(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume {run_dir}")
         raise
     finally:
@@ -157,10 +162,11 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def _checkpoint(info: DistInfo, run_dir, step, model, optimizer, scheduler, stream, early, keep_last) -> None:
+def _checkpoint(info: DistInfo, run_dir, step, model, optimizer, scheduler, data_state, early, keep_last, sync=True) -> None:
     if info.is_main:
-        ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, {"data": stream.state_dict(), "early": early}, keep_last)
-    barrier(info)
+        ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, {"data": data_state, "early": early}, keep_last)
+    if sync:
+        barrier(info)
 
 
 def _should_stop(metrics: dict, early: dict, patience: int | None) -> bool:
@@ -196,14 +202,16 @@ def evaluate(model, objective, data, recipe: TrainRecipe, tokenizer) -> dict[str
     if data.eval:
         collate = make_collator(tokenizer, packing=False, mask_dtype=next(model.parameters()).dtype)
         loss_sum, count, preds, labels = 0.0, 0, [], []
+        device = next(model.parameters()).device
         for i, batch in enumerate(iter_batches(data.eval, recipe.eval.batch_size, collate)):
             if recipe.eval.max_batches and i >= recipe.eval.max_batches:
                 break
+            batch = to_device(batch, device)
             s, n = objective(batch)
             loss_sum, count = loss_sum + float(s), count + int(n)
             if classification:
                 preds += predict_classes(model, batch)
-                labels += batch["labels"].tolist()
+                labels += batch["labels"].cpu().tolist()
         metrics["loss"] = loss_sum / max(count, 1)
         if classification:
             metrics.update(accuracy_and_macro_f1(preds, labels))

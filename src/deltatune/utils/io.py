@@ -43,10 +43,12 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a fresh temp directory; on success it replaces ``path`` (old one removed last).
 
     If anything raises inside the block, the temp directory is removed and ``path`` is untouched.
+    ``replace=False`` is for content-addressed entries: if ``path`` already exists when the block
+    ends (another process finished first), the new copy is discarded and the existing one kept.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not replace:
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
