@@ -1,5 +1,4 @@
 import pytest
-from torch import nn
 
 from deltatune.core.targets import select_targets
 from deltatune.utils.errors import TargetError

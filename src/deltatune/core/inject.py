@@ -6,7 +6,6 @@ module tree and state-dict key names are exactly those of the untouched model.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from deltatune.core.method import DeltaBranch
