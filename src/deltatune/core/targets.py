@@ -61,6 +61,7 @@ def select_targets(
     if not patterns:
         raise TargetError("targets is empty: name at least one module pattern, or use 'all-linear'")
     modules = list(iter_logical_modules(model))
+    by_name = dict(modules)
     heads = head_module_names(model)
     selected: dict[str, None] = {}
     for pattern in patterns:
@@ -76,9 +77,9 @@ def select_targets(
                 near = closest(pattern.removeprefix("re:"), sorted(leaves) + [n for n, _ in modules])
                 hint = f"; closest module names: {', '.join(near)}" if near else ""
                 raise TargetError(f"target {pattern!r} matches no module in {type(model).__name__}{hint}")
-            wrappable = [n for n in hits if can_wrap(dict(modules)[n])]
+            wrappable = [n for n in hits if can_wrap(by_name[n])]
             if not wrappable:
-                types = sorted({type(dict(modules)[n]).__name__ for n in hits})
+                types = sorted({type(by_name[n]).__name__ for n in hits})
                 raise TargetError(
                     f"target {pattern!r} matches {hits[0]!r} ({', '.join(types)}), but this method wraps {kind} modules only"
                 )
