@@ -1,0 +1,159 @@
+"""The merge recipe: YAML → one validated, frozen :class:`MergeRecipe`.
+
+    base: smollm2-135m-instruct          # alias, GGUF file or HF directory (optional for linear / soups)
+    inputs:
+      - {path: runs/math/model, weight: 1.0}
+      - {path: runs/code/adapter, weight: 0.5, density: 0.3}
+    method: ties                         # task_arithmetic | ties | dare_linear | dare_ties | linear | greedy_soup | …
+    parameters: {density: 0.2, lambda: 1.0}
+    lines: {alpha: 0.0, beta: 1.0}       # optional LiNeS layer scaling of the merged task vector
+    lora: {mode: concat}                 # LoRA adapters → one adapter: concat (exact) | svd (rank r)
+    eval: {data: dev.tsv, task: sequence-classification, metric: accuracy}   # greedy soup
+    output: {path: out/merged}           # HF directory, or an adapter directory for LoRA merges
+
+Errors name the file, line and dotted key, with the closest valid key (as training recipes do).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+import yaml
+from pydantic import Field, model_validator
+
+from deltatune.algebra.ops import MODEL_OPS, OPS, list_ops
+from deltatune.core.config import StrictConfig, format_validation_error
+from deltatune.train.config import _key_lines, _line_for
+from deltatune.utils.errors import ConfigError, did_you_mean
+
+MODEL_LEVEL = ("greedy_soup",)  # handled by the engine itself, next to MODEL_OPS registered by other modules
+
+
+class InputSpec(StrictConfig):
+    path: str
+    weight: float = 1.0
+    density: float | None = Field(None, gt=0, le=1)
+
+
+class MergeParameters(StrictConfig):
+    """Options of the generalized task arithmetic (see :mod:`deltatune.algebra.ops`); unset = the method's default."""
+
+    density: float | None = Field(None, gt=0, le=1)
+    lambda_: float | None = Field(None, alias="lambda")
+    normalize: bool | None = None
+    rescale: bool | None = None
+    sparsify: Literal["magnitude", "random"] | None = None
+    consensus: Literal["sum", "count"] | None = None
+    seed: int = 0
+
+
+class LinesConfig(StrictConfig):
+    """LiNeS (Wang et al., 2024): scale layer l's task vector by α + β·l/(L−1); shallow layers move
+    less from the base. Tensors outside the layer stack: embeddings get α, the rest (final norm, head) α+β."""
+
+    alpha: float = Field(0.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+
+
+class LoraMergeConfig(StrictConfig):
+    mode: Literal["concat", "svd"] = "concat"
+    rank: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _rank(self) -> "LoraMergeConfig":
+        if self.mode == "svd" and self.rank is None:
+            raise ValueError("lora.mode svd needs lora.rank (the rank of the merged adapter)")
+        return self
+
+
+class MergeEvalConfig(StrictConfig):
+    """Held-out data for greedy soups, read by the training data pipeline."""
+
+    data: str
+    task: Literal["causal-lm", "sequence-classification"] = "sequence-classification"
+    num_labels: int | None = None
+    metric: Literal["accuracy", "macro_f1", "loss", "exact_match"] = "accuracy"
+    format: str = "auto"
+    max_examples: int | None = Field(None, gt=0)
+    batch_size: int = Field(32, gt=0)
+
+
+class OutputSpec(StrictConfig):
+    path: str
+    format: Literal["auto", "hf", "adapter"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class MergeRecipe(StrictConfig):
+    base: str | None = None
+    inputs: list[InputSpec] = Field(min_length=1)
+    method: str
+    parameters: MergeParameters = MergeParameters()
+    lines: LinesConfig | None = None
+    lora: LoraMergeConfig | None = None
+    eval: MergeEvalConfig | None = None
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MergeRecipe":
+        known = [*OPS, *MODEL_OPS, *MODEL_LEVEL]
+        if self.method not in known:
+            raise ValueError(f"unknown merge method {self.method!r}{did_you_mean(self.method, known)}; available: {', '.join(sorted(set(known) | set(list_ops())))}")
+        total = sum(i.weight for i in self.inputs)
+        if self.method not in MODEL_LEVEL and math.isclose(total, 0.0, abs_tol=1e-12):
+            raise ValueError(f"input weights sum to 0 ({[i.weight for i in self.inputs]}): the merge would be undefined / vanish; give a non-zero total weight")
+        needs_base = self.method in OPS and OPS[self.method].needs_base
+        if needs_base and self.base is None:
+            raise ValueError(f"method {self.method!r} merges task vectors (input − base): set 'base'")
+        if self.method == "greedy_soup" and self.eval is None:
+            raise ValueError("method greedy_soup needs an eval section (data, metric) to decide which models to add")
+        return self
+
+    def op_params(self, name: str = ""):
+        """:class:`OpParams` for a tensor op: recipe values over the method's defaults."""
+        from deltatune.algebra.ops import OpParams
+
+        spec = OPS[self.method]
+        d = spec.defaults
+        p = self.parameters
+        density = p.density if p.density is not None else d.get("density")
+        densities = tuple(i.density if i.density is not None else (density or 1.0) for i in self.inputs)
+        return OpParams(
+            weights=tuple(i.weight for i in self.inputs),
+            densities=densities,
+            sparsify=p.sparsify if p.sparsify is not None else d.get("sparsify"),
+            consensus=p.consensus if p.consensus is not None else d.get("consensus"),
+            normalize=p.normalize if p.normalize is not None else d.get("normalize", False),
+            lambda_=p.lambda_ if p.lambda_ is not None else 1.0,
+            rescale=p.rescale if p.rescale is not None else True,
+            seed=p.seed,
+            name=name,
+        )
+
+
+def parse_recipe(data: dict, source: str = "<recipe>", lines: dict | None = None) -> MergeRecipe:
+    try:
+        return MergeRecipe.model_validate(data)
+    except pydantic.ValidationError as err:
+        line = _line_for(lines or {}, err.errors()[0]["loc"])
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {format_validation_error(err, MergeRecipe)}") from None
+
+
+def load_merge_recipe(path: str | Path) -> MergeRecipe:
+    """Read and validate a merge recipe; relative paths in it stay relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"merge recipe {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with base, inputs, method, output at the top level")
+    return parse_recipe(data, str(path), _key_lines(node) if node is not None else {})
