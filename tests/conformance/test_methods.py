@@ -42,6 +42,24 @@ def bottleneck_count(name: str, module, cfg) -> int:
 
 PARAM_FORMULAS["bottleneck"] = bottleneck_count
 
+_COMPACTER_SEEN: dict[int, object] = {}  # config id → config (kept alive so ids are not reused)
+
+
+def compacter_count(name: str, module, cfg) -> int:
+    """Own PHM parameters k·(in + out) + out per layer; the two shared n³ rules once per delta."""
+    from deltatune.methods.bottleneck import block_features
+
+    d_in, d_out = block_features(module)
+    z = d_in if cfg.placement == "parallel" else d_out
+    own = cfg.phm_rank * (z + cfg.size) + cfg.size + cfg.phm_rank * (cfg.size + d_out) + d_out
+    first = id(cfg) not in _COMPACTER_SEEN
+    _COMPACTER_SEEN[id(cfg)] = cfg
+    return own + (2 * cfg.phm_dim**3 if first or not cfg.shared_phm_rule else 0)
+
+
+PARAM_FORMULAS["compacter"] = compacter_count
+PARAM_FORMULAS["lofit"] = lambda name, m, cfg: m.in_features if cfg.stage == "scale" else len(cfg.heads[name]) * m.in_features // cfg.num_heads
+
 # (method, model) pairs that must refuse to attach, with the reason the error must give.
 ATTACH_ERRORS = {("bitfit", "tiny_llama"): "has no module with a bias"}
 METHODS = deltatune.list_methods()

@@ -150,6 +150,19 @@ class DeltaModel(nn.Module):
             for w in wrappers:
                 w.disabled = False
 
+    # --- training hooks (generic: each method/branch decides what they do) ---
+    def regularization_loss(self) -> torch.Tensor | None:
+        """Sum of the active branches' ``regularization()`` terms, or None when no branch has one."""
+        terms = [t for _, w in iter_wrappers(self.base_model) for n in w.active if n not in w.merged
+                 for t in [w.deltas[n].regularization()] if t is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def on_train_step(self, step: int) -> None:
+        """After optimizer step ``step`` (1-based): let each active delta's method update its state."""
+        for name in self._active:
+            branches = {m: w.deltas[name] for m, w in iter_wrappers(self.base_model) if name in w.deltas}
+            get_method(self.delta_configs[name].method).on_train_step(branches, self.delta_configs[name], step)
+
     # --- merge ---
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:

@@ -44,6 +44,11 @@ class DeltaBranch(nn.Module):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def regularization(self) -> torch.Tensor | None:
+        """A penalty added to the training loss while this branch is active (LoFiT's L1 on head
+        scales), or None. Summed over branches by ``DeltaModel.regularization_loss()``."""
+        return None
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """ΔW such that the merged weight is ``base.weight + ΔW`` (linear deltas only)."""
         raise NotImplementedError(f"{type(self).__name__} is not a linear delta")
@@ -93,6 +98,10 @@ class DeltaMethod:
 
     def make_branch(self, module_name: str, module: nn.Module, config: DeltaConfig) -> DeltaBranch:
         raise NotImplementedError
+
+    def on_train_step(self, branches: dict[str, DeltaBranch], config: DeltaConfig, step: int) -> None:
+        """Called by the trainer after each optimizer step (gradients still present) with this
+        delta's branches by module name; e.g. incremental LoRA grows ranks here. Default: nothing."""
 
     # --- PEFT file compatibility (only for methods with a peft_type) ---
     def to_peft_config(self, config: DeltaConfig, target_patterns: list[str], target_names: list[str]) -> dict[str, Any]:

@@ -65,7 +65,8 @@ class BottleneckBranch(DeltaBranch):
         # Blocks such as attention return tuples; the adapter acts on the hidden states (first item).
         h = base_out[0] if isinstance(base_out, tuple) else base_out
         z = x if self.parallel else h
-        y = h + self.scaling * self.adapter_up(self.act(self.adapter_down(z.to(self.adapter_down.weight.dtype)))).to(h.dtype)
+        # The dtype from the bias: nn.Linear and Compacter's PHM layers both have one.
+        y = h + self.scaling * self.adapter_up(self.act(self.adapter_down(z.to(self.adapter_down.bias.dtype)))).to(h.dtype)
         return (y, *base_out[1:]) if isinstance(base_out, tuple) else y
 
 

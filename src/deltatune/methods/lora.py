@@ -6,6 +6,10 @@ For ``W ∈ R^{out×in}`` LoRA learns ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}`` 
 
 so ``ΔW = s · B A``. With the default init (A random, B = 0) the model is unchanged at attach
 time. Files use PEFT's names: ``<module>.lora_A.weight`` [r, in], ``<module>.lora_B.weight`` [out, r].
+
+Options live in their own modules: ``init: pissa`` (A, B from the top-r SVD of W, see
+:mod:`deltatune.methods.lora_init`) and ``rank_allocation: incremental`` (IncreLoRA-style rank
+growth under a budget, see :mod:`deltatune.methods.lora_rank`).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from deltatune.core.config import DeltaConfig
@@ -25,15 +29,40 @@ from deltatune.utils.errors import DeltaFileError
 class LoraConfig(DeltaConfig):
     """``r``: rank; ``alpha``: scale numerator; ``dropout`` on the LoRA input only;
     ``rslora``: scale alpha/√r instead of alpha/r; ``init``: ``kaiming`` (A Kaiming-uniform as in
-    PEFT, B zero) or ``gaussian`` (A ~ N(0, 1/r), B zero)."""
+    PEFT, B zero), ``gaussian`` (A ~ N(0, 1/r), B zero) or ``pissa`` (principal singular vectors).
+
+    ``rank_allocation: incremental`` pre-allocates rank ``r`` per module, starts with ``initial_r``
+    active ranks and every ``grow_every`` steps gives one more rank to the ``grow_count`` modules
+    with the highest importance, until the active ranks of all modules sum to ``rank_budget``
+    (default: half of the pre-allocated ranks). ``importance_beta``: EMA factor of the score."""
 
     method: Literal["lora"] = "lora"
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
     bias: Literal["none"] = "none"
+    rank_allocation: Literal["fixed", "incremental"] = "fixed"
+    initial_r: int = Field(1, gt=0)
+    rank_budget: int | None = Field(None, gt=0)
+    grow_every: int = Field(10, gt=0)
+    grow_count: int = Field(1, gt=0)
+    importance_beta: float = Field(0.85, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check_options(self) -> "LoraConfig":
+        # A saved config lists every field, so only a non-default value counts as "set".
+        incremental_only = [k for k in ("initial_r", "rank_budget", "grow_every", "grow_count", "importance_beta")
+                            if getattr(self, k) != type(self).model_fields[k].default]
+        if self.rank_allocation == "fixed" and incremental_only:
+            raise ValueError(f"{sorted(incremental_only)[0]} is only used with rank_allocation: incremental")
+        if self.rank_allocation == "incremental":
+            if self.initial_r > self.r:
+                raise ValueError(f"initial_r ({self.initial_r}) must be at most r ({self.r}), the rank pre-allocated per module")
+            if self.init == "pissa":
+                raise ValueError("init: pissa fixes the rank to the top-r singular directions; use it with rank_allocation: fixed")
+        return self
 
     @property
     def scaling(self) -> float:
@@ -72,13 +101,34 @@ class LoraMethod(DeltaMethod):
     config_class = LoraConfig
     capabilities = Capabilities(mergeable=True, linear_delta=True, batched_serving=True)
     default_targets = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "*": "all-linear"}
-    branch_keys = ("lora_A.weight", "lora_B.weight")
+    branch_keys = ("lora_A.weight", "lora_B.weight", "lora_rank_mask")
     peft_type = "LORA"
+
+    def resolve_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
+        if config.rank_allocation == "incremental":
+            from deltatune.methods.lora_rank import resolve_budget
+
+            return resolve_budget(self, model, config)
+        return config
 
     def make_branch(self, module_name: str, module: nn.Module, config: LoraConfig) -> LoraBranch:
         # Half-precision bases keep their LoRA weights in fp32: tiny updates to bf16 weights vanish.
         dtype = torch.float32 if module.weight.dtype in (torch.float16, torch.bfloat16) else module.weight.dtype
+        if config.init == "pissa":
+            from deltatune.methods.lora_init import PissaLoraBranch
+
+            return PissaLoraBranch(module_name, module.weight, config).to(dtype=dtype)
+        if config.rank_allocation == "incremental":
+            from deltatune.methods.lora_rank import IncrementalLoraBranch
+
+            return IncrementalLoraBranch(module.in_features, module.out_features, config).to(dtype=dtype)
         return LoraBranch(module.in_features, module.out_features, config).to(dtype=dtype)
+
+    def on_train_step(self, branches: dict[str, DeltaBranch], config: LoraConfig, step: int) -> None:
+        if config.rank_allocation == "incremental":
+            from deltatune.methods.lora_rank import grow_ranks
+
+            grow_ranks(branches, config, step)
 
     def to_peft_config(self, config: LoraConfig, target_patterns: list[str], target_names: list[str]) -> dict[str, Any]:
         return {
@@ -90,7 +140,8 @@ class LoraMethod(DeltaMethod):
             "target_modules": target_patterns,
             "bias": "none",
             "fan_in_fan_out": False,
-            "init_lora_weights": True,
+            # PEFT re-runs the SVD of the (original) base weights when it loads a "pissa" adapter.
+            "init_lora_weights": "pissa" if config.init == "pissa" else True,
             "use_dora": False,
             "rank_pattern": {},
             "alpha_pattern": {},
@@ -111,8 +162,12 @@ class LoraMethod(DeltaMethod):
         for key, allowed in unsupported.items():
             if key in peft_config and peft_config[key] not in allowed:
                 raise DeltaFileError(f"{source}: PEFT LoRA option {key}={peft_config[key]!r} is not supported by deltatune yet")
+        init = peft_config.get("init_lora_weights", True)
+        if init not in (True, False, "gaussian", "pissa"):
+            raise DeltaFileError(f"{source}: PEFT LoRA option init_lora_weights={init!r} is not supported by deltatune (supported: true, gaussian, pissa)")
         targets = peft_config.get("target_modules")
         return LoraConfig(
+            init="pissa" if init == "pissa" else "kaiming",
             r=int(peft_config["r"]),
             alpha=float(peft_config.get("lora_alpha", 8)),
             dropout=float(peft_config.get("lora_dropout", 0.0) or 0.0),

@@ -95,16 +95,22 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
             local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) if not classification else len(b["labels"]) for b in micro)
             total_targets = all_reduce_sum(torch.tensor(float(local_targets)), info).item()
             loss_total = torch.zeros(())
-            for batch in micro:
+            for i, batch in enumerate(micro):
                 with autocast:
                     loss_sum, _ = wrapped(batch)
                 # DDP averages gradients over processes; scale so the result is sum / global count.
-                (loss_sum * info.world / max(total_targets, 1.0)).backward()
+                loss = loss_sum * info.world / max(total_targets, 1.0)
+                # A delta's penalty (e.g. LoFiT's L1) counts once per step; every process adds the same
+                # term, so DDP's average keeps it as is. The logged loss is the data loss only.
+                penalty = model.regularization_loss() if i == 0 and hasattr(model, "regularization_loss") else None
+                (loss if penalty is None else loss + penalty).backward()
                 loss_total += loss_sum.detach().float().cpu()
             if recipe.optim.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            if hasattr(model, "on_train_step"):  # before zero_grad: hooks may read the step's gradients
+                model.on_train_step(step + 1)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             data_state = stream.state_dict()

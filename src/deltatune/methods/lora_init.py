@@ -1,0 +1,63 @@
+"""PiSSA: LoRA initialised from the principal singular directions of W (Meng et al., 2024).
+
+With ``W = U S Vᵀ`` (``W`` [out, in]) and ``s`` the LoRA scale, PiSSA starts from::
+
+    A₀ = diag(√(S_r / s)) V_rᵀ        [r, in]
+    B₀ = U_r diag(√(S_r / s))         [out, r]      so  s · B₀ A₀ = U_r S_r V_rᵀ (the top-r part of W)
+
+and trains A, B on top of the frozen residual ``W_res = W − s · B₀ A₀``: the adapter starts on
+the directions that matter most, not at zero. (KaSA, CorDA and LIFT pick other directions; the
+mechanics are the same.) This is exactly PEFT's ``init_lora_weights="pissa"``.
+
+The residual is not written into the base weight: the branch keeps A₀, B₀ as frozen buffers and
+computes ``y = W x + s · (B A x − B₀ A₀ x) = W_res x + s · B A x``. Same function, same
+gradients for A and B, but the base stays untouched, so ``disable()``, other deltas on the same
+base and ``unload()`` see the original W. At attach time A = A₀, B = B₀ and both products are
+computed identically, so the model is unchanged bit for bit.
+
+Files hold A and B (rank r) with PEFT's ``init_lora_weights: "pissa"``; loading (deltatune or
+PEFT) recomputes A₀, B₀ from the base weights, which must be the ones the delta was trained on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deltatune.methods.lora import LoraBranch, LoraConfig
+from deltatune.utils.errors import TargetError
+
+
+@torch.no_grad()
+def pissa_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A₀ [r, in], B₀ [out, r])`` with ``scaling · B₀ @ A₀`` = the rank-r truncated SVD of ``weight``.
+
+    Plain PyTorch, computed in fp32 as PEFT does (its ``pissa_init``), so both give the same factors.
+    """
+    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    root = torch.sqrt(s[:r] / scaling)
+    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+
+
+class PissaLoraBranch(LoraBranch):
+    def __init__(self, module_name: str, weight: torch.Tensor, config: LoraConfig):
+        out_features, in_features = weight.shape
+        if config.r > min(out_features, in_features):
+            raise TargetError(f"lora init pissa: r={config.r} exceeds the rank of {module_name!r} (weight {list(weight.shape)}); use r <= {min(weight.shape)}")
+        super().__init__(in_features, out_features, config)
+        a0, b0 = pissa_factors(weight, config.r, config.scaling)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a0)
+            self.lora_B.weight.copy_(b0)
+        # Not saved: they are a function of the base weights and are recomputed at load time.
+        self.register_buffer("pissa_A0", a0, persistent=False)
+        self.register_buffer("pissa_B0", b0, persistent=False)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        # The difference first: at init both products are bitwise equal, so the output is exactly unchanged.
+        update = self.lora_B(self.lora_A(self.dropout(x))) - F.linear(F.linear(x, self.pissa_A0), self.pissa_B0)
+        return base_out.add_(update.to(base_out.dtype), alpha=self.scaling)
+
+    def delta_weight(self, base) -> torch.Tensor:
+        """ΔW = s · (B A − B₀ A₀), shape [out, in]: the change from the original W."""
+        return (self.lora_B.weight @ self.lora_A.weight - self.pissa_B0 @ self.pissa_A0) * self.scaling
