@@ -18,6 +18,7 @@ from deltatune.core.delta_model import DeltaModel  # noqa: E402
 from deltatune.core.registry import get_method, list_methods  # noqa: E402
 from deltatune.methods.lora import LoraConfig  # noqa: E402
 from deltatune.utils.errors import DeltatuneError  # noqa: E402
+import deltatune.algebra.compress  # noqa: E402,F401  (registers the "compeft" method: compressed deltas load like any other)
 
 __all__ = [
     "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig", "attach", "get_method",

@@ -59,6 +59,7 @@ def compacter_count(name: str, module, cfg) -> int:
 
 PARAM_FORMULAS["compacter"] = compacter_count
 PARAM_FORMULAS["lofit"] = lambda name, m, cfg: m.in_features if cfg.stage == "scale" else len(cfg.heads[name]) * m.in_features // cfg.num_heads
+PARAM_FORMULAS["compeft"] = lambda name, m, cfg: lora_count(name, m, cfg.inner_config())  # packed values of its inner delta (LoRA by default)
 
 # (method, model) pairs that must refuse to attach, with the reason the error must give.
 ATTACH_ERRORS = {("bitfit", "tiny_llama"): "has no module with a bias"}
