@@ -231,7 +231,7 @@ class DeltaModel(nn.Module):
         state = {}
         for module_name, wrapper in iter_wrappers(self.base_model):
             if name in wrapper.deltas:
-                for key, value in wrapper.deltas[name].state_dict().items():
+                for key, value in wrapper.deltas[name].saved_state().items():
                     state[f"{module_name}.{key}"] = value
         return state
 

@@ -6,6 +6,8 @@ module tree and state-dict key names are exactly those of the untouched model.
 """
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from deltatune.core.method import DeltaBranch
@@ -29,11 +31,21 @@ class DeltaWrapper(nn.Module):
     def forward(self, *args, **kwargs):
         if self.disabled:
             return self.base_layer(*args, **kwargs)
+        running = [self.deltas[n] for n in self.active if n not in self.merged]
+        if not any(b.wraps_call for b in running):
+            return self._run(running, *args, **kwargs)
+        # Call-wrapping branches (prefix/prompt tuning) run around everything else, first attached outermost.
+        call = functools.partial(self._run, running)
+        for branch in reversed(running):
+            if branch.wraps_call:
+                call = functools.partial(branch.around_call, call)
+        return call(*args, **kwargs)
+
+    def _run(self, running: list[DeltaBranch], *args, **kwargs):
         # The module's main input: its first positional argument, or — for blocks that model code
         # calls by keyword, like attention(hidden_states=..., ...) — its first keyword argument.
         key = None if args else next(iter(kwargs))
         x = args[0] if args else kwargs[key]
-        running = [self.deltas[n] for n in self.active if n not in self.merged]
         base_in = x
         for branch in running:
             if branch.transforms_input:

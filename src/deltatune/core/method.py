@@ -37,9 +37,22 @@ class DeltaBranch(nn.Module):
     """
 
     transforms_input: bool = False
+    # A branch with ``wraps_call`` runs *around* the whole module call (``around_call``): it may
+    # rewrite every argument and the result. Model-level deltas (prefix/prompt tuning) need this:
+    # they change the sequence (extra key/value positions, extra input embeddings), not one tensor.
+    wraps_call: bool = False
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def around_call(self, call, *args, **kwargs):
+        """Run ``call(*args, **kwargs)`` (the module with the other branches), possibly changed."""
+        return call(*args, **kwargs)
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a delta file stores for this branch. Default: the branch's state dict; a
+        branch with a training-only parametrisation (prefix tuning's MLP) returns the folded tensors."""
+        return self.state_dict()
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -82,6 +95,9 @@ class DeltaMethod:
     branch_keys: ClassVar[tuple[str, ...]] = ()
     # PEFT's peft_type for this method, or None when PEFT has no equivalent.
     peft_type: ClassVar[str | None] = None
+    # Branch keys that files store without the module path (PEFT's prompt learning keeps
+    # ``prompt_embeddings`` at the top level); only for methods with a single target module.
+    unprefixed_keys: ClassVar[tuple[str, ...]] = ()
 
     def can_wrap(self, module: nn.Module) -> bool:
         return isinstance(module, self.wraps)
@@ -102,6 +118,14 @@ class DeltaMethod:
     def on_train_step(self, branches: dict[str, DeltaBranch], config: DeltaConfig, step: int) -> None:
         """Called by the trainer after each optimizer step (gradients still present) with this
         delta's branches by module name; e.g. incremental LoRA grows ranks here. Default: nothing."""
+
+    def saved_config(self, config: DeltaConfig) -> DeltaConfig:
+        """The config written next to the saved tensors (must describe :meth:`DeltaBranch.saved_state`)."""
+        return config
+
+    def branch_keys_for(self, config: DeltaConfig) -> tuple[str, ...]:
+        """Branch-local saved keys for this config (a bundle's depend on its members)."""
+        return self.branch_keys
 
     # --- PEFT file compatibility (only for methods with a peft_type) ---
     def to_peft_config(self, config: DeltaConfig, target_patterns: list[str], target_names: list[str]) -> dict[str, Any]:

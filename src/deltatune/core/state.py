@@ -32,9 +32,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 DELTATUNE_FILE = "deltatune.json"
 
 
-def to_file_key(key: str) -> str:
+def to_file_key(key: str, unprefixed: tuple[str, ...] = ()) -> str:
     """Internal key → file key. Full-copy modules are stored under the module's own key names
-    (``classifier.weight``), as PEFT stores ``modules_to_save``."""
+    (``classifier.weight``), as PEFT stores ``modules_to_save``; a method's ``unprefixed_keys``
+    (PEFT's ``prompt_embeddings``) are stored without the module path."""
+    for local in unprefixed:
+        if key.endswith("." + local):
+            return local
     return PEFT_PREFIX + key.replace(f".{FULL_COPY_KEY}.", ".")
 
 
@@ -44,9 +48,9 @@ def from_file_key(key: str) -> str:
 
 def save_delta_dir(model, name: str, path: str | Path) -> None:
     """Write delta ``name`` of a DeltaModel to ``path`` atomically (a crash leaves the old dir)."""
-    config: DeltaConfig = model.delta_configs[name]
-    method = get_method(config.method)
-    tensors = {to_file_key(k): v.detach().to("cpu").contiguous() for k, v in model.delta_state_dict(name).items()}
+    method = get_method(model.delta_configs[name].method)
+    config: DeltaConfig = method.saved_config(model.delta_configs[name])
+    tensors = {to_file_key(k, method.unprefixed_keys): v.detach().to("cpu").contiguous() for k, v in model.delta_state_dict(name).items()}
     base = model.base_model
     base_id = getattr(getattr(base, "config", None), "_name_or_path", None) or getattr(base, "name_or_path", None)
     targets = [t for t in model.delta_targets[name] if t not in _modules_to_save(model, name)]
@@ -170,7 +174,10 @@ def load_delta_dir(model, path: str | Path, name: str) -> None:
     saved: dict[str, None] = {}
     by_internal_key: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        module, local = split_key(key, method.branch_keys, config.modules_to_save, logical)
+        if key in method.unprefixed_keys:  # the module is the method's (single, default) target
+            by_internal_key[key] = tensor
+            continue
+        module, local = split_key(key, method.branch_keys_for(config), config.modules_to_save, logical)
         (saved if local.startswith(FULL_COPY_KEY + ".") else modules)[module] = None
         by_internal_key[f"{module}.{local}"] = tensor
     tensors = by_internal_key
@@ -188,13 +195,17 @@ def load_delta_dir(model, path: str | Path, name: str) -> None:
     model.attach(exact, name=name)
     try:
         params = model.delta_state_dict(name)
+        for key in params:  # unprefixed file keys → the attached module's internal key
+            file_key = to_file_key(key, method.unprefixed_keys)
+            if file_key in method.unprefixed_keys and file_key in tensors:
+                tensors[key] = tensors.pop(file_key)
         for key, expected in params.items():
             if key not in tensors:
-                raise ShapeMismatchError(f"{path}: tensor {to_file_key(key)!r} is missing from {WEIGHTS_FILE}")
+                raise ShapeMismatchError(f"{path}: tensor {to_file_key(key, method.unprefixed_keys)!r} is missing from {WEIGHTS_FILE}")
             found = tensors[key]
             if tuple(found.shape) != tuple(expected.shape):
                 raise ShapeMismatchError(
-                    f"{path}: tensor {to_file_key(key)!r} has shape {list(found.shape)}, but the model needs "
+                    f"{path}: tensor {to_file_key(key, method.unprefixed_keys)!r} has shape {list(found.shape)}, but the model needs "
                     f"{list(expected.shape)}; the delta was saved for another base model"
                 )
         with torch.no_grad():
