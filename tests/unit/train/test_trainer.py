@@ -202,3 +202,21 @@ def test_full_finetune_saves_a_model(lm_dir, tmp_path):
     tuned, base = deltatune.load_model(saved), deltatune.load_model(lm_dir)
     changed = [n for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(a, b)]
     assert len(changed) == len(list(base.named_parameters()))  # every weight was trained
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(lm_dir, tmp_path):
+    """`train.compile: true` runs the objective through torch.compile (inductor needs a C compiler)
+    and must not change what is learned: same losses as eager within float tolerance."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    eager, oe = lm_recipe(lm_dir, tmp_path, "eager", **{"train.max_steps": 3})
+    compiled, oc = lm_recipe(lm_dir, tmp_path, "compiled", **{"train.max_steps": 3, "train.compile": "true"})
+    train(load_recipe(eager, oe))
+    train(load_recipe(compiled, oc))
+    le, lc = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert le.keys() == lc.keys() and len(le) == 3
+    for step in le:
+        assert abs(le[step] - lc[step]) < 1e-4 * max(1.0, abs(le[step])), step
