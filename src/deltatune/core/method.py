@@ -98,6 +98,9 @@ class DeltaMethod:
     # Branch keys that files store without the module path (PEFT's prompt learning keeps
     # ``prompt_embeddings`` at the top level); only for methods with a single target module.
     unprefixed_keys: ClassVar[tuple[str, ...]] = ()
+    # Prefix of the other file keys: PEFT writes "base_model.model.<module>…" for tuners and
+    # "base_model.<module>…" for prompt learning (where the model is not wrapped in a tuner).
+    file_prefix: ClassVar[str] = "base_model.model."
 
     def can_wrap(self, module: nn.Module) -> bool:
         return isinstance(module, self.wraps)

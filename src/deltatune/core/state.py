@@ -27,30 +27,34 @@ from deltatune.utils.errors import DeltaFileError, ShapeMismatchError, closest, 
 from deltatune.utils.io import atomic_dir
 
 PEFT_PREFIX = "base_model.model."
+PROMPT_LEARNING_PREFIX = "base_model."  # PEFT's prompt-learning files (prompt/prefix tuning with a head)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 DELTATUNE_FILE = "deltatune.json"
 
 
-def to_file_key(key: str, unprefixed: tuple[str, ...] = ()) -> str:
+def to_file_key(key: str, unprefixed: tuple[str, ...] = (), prefix: str = PEFT_PREFIX) -> str:
     """Internal key → file key. Full-copy modules are stored under the module's own key names
     (``classifier.weight``), as PEFT stores ``modules_to_save``; a method's ``unprefixed_keys``
     (PEFT's ``prompt_embeddings``) are stored without the module path."""
     for local in unprefixed:
         if key.endswith("." + local):
             return local
-    return PEFT_PREFIX + key.replace(f".{FULL_COPY_KEY}.", ".")
+    return prefix + key.replace(f".{FULL_COPY_KEY}.", ".")
 
 
 def from_file_key(key: str) -> str:
-    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    for prefix in (PEFT_PREFIX, PROMPT_LEARNING_PREFIX):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
 
 
 def save_delta_dir(model, name: str, path: str | Path) -> None:
     """Write delta ``name`` of a DeltaModel to ``path`` atomically (a crash leaves the old dir)."""
     method = get_method(model.delta_configs[name].method)
     config: DeltaConfig = method.saved_config(model.delta_configs[name])
-    tensors = {to_file_key(k, method.unprefixed_keys): v.detach().to("cpu").contiguous() for k, v in model.delta_state_dict(name).items()}
+    tensors = {to_file_key(k, method.unprefixed_keys, method.file_prefix): v.detach().to("cpu").contiguous() for k, v in model.delta_state_dict(name).items()}
     base = model.base_model
     base_id = getattr(getattr(base, "config", None), "_name_or_path", None) or getattr(base, "name_or_path", None)
     targets = [t for t in model.delta_targets[name] if t not in _modules_to_save(model, name)]
@@ -201,11 +205,11 @@ def load_delta_dir(model, path: str | Path, name: str) -> None:
                 tensors[key] = tensors.pop(file_key)
         for key, expected in params.items():
             if key not in tensors:
-                raise ShapeMismatchError(f"{path}: tensor {to_file_key(key, method.unprefixed_keys)!r} is missing from {WEIGHTS_FILE}")
+                raise ShapeMismatchError(f"{path}: tensor {to_file_key(key, method.unprefixed_keys, method.file_prefix)!r} is missing from {WEIGHTS_FILE}")
             found = tensors[key]
             if tuple(found.shape) != tuple(expected.shape):
                 raise ShapeMismatchError(
-                    f"{path}: tensor {to_file_key(key, method.unprefixed_keys)!r} has shape {list(found.shape)}, but the model needs "
+                    f"{path}: tensor {to_file_key(key, method.unprefixed_keys, method.file_prefix)!r} has shape {list(found.shape)}, but the model needs "
                     f"{list(expected.shape)}; the delta was saved for another base model"
                 )
         with torch.no_grad():

@@ -148,6 +148,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
     capabilities = Capabilities(mergeable=False, unchanged_at_init=False)
     branch_keys = ("prompt_embeddings",)
     unprefixed_keys = ("prompt_embeddings",)
+    file_prefix = "base_model."
     peft_type = "PREFIX_TUNING"
 
     def can_wrap(self, module: nn.Module) -> bool:

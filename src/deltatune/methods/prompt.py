@@ -100,6 +100,7 @@ class PromptTuningMethod(VirtualTokenMethod):
     capabilities = Capabilities(mergeable=False, unchanged_at_init=False)
     branch_keys = ("prompt_embeddings",)
     unprefixed_keys = ("prompt_embeddings",)
+    file_prefix = "base_model."
     peft_type = "PROMPT_TUNING"
 
     def make_branch(self, module_name: str, module: nn.Module, config: PromptTuningConfig) -> PromptBranch:
