@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import deltatune
+from deltatune.core.inject import iter_logical_modules
 from deltatune.core.targets import matches
 from tests.helpers import randomize_delta
 
@@ -61,6 +62,24 @@ PARAM_FORMULAS["compacter"] = compacter_count
 PARAM_FORMULAS["lofit"] = lambda name, m, cfg: m.in_features if cfg.stage == "scale" else len(cfg.heads[name]) * m.in_features // cfg.num_heads
 PARAM_FORMULAS["compeft"] = lambda name, m, cfg: lora_count(name, m, cfg.inner_config())  # packed values of its inner delta (LoRA by default)
 
+# Model-level methods (prefix/prompt tuning) wrap the backbone: their formula reads its config.
+def prompt_count(name: str, backbone, cfg) -> int:
+    return cfg.num_virtual_tokens * backbone.get_input_embeddings().weight.shape[1]
+
+
+def prefix_count(name: str, backbone, cfg) -> int:
+    from deltatune.methods.prefix import prefix_numel
+
+    return prefix_numel(backbone.config, cfg)
+
+
+def bundle_count(name: str, module, cfg) -> int:
+    """The members' own formulas, for the members that wrap this module."""
+    return sum(PARAM_FORMULAS[sub.method](name, module, sub) for sub in cfg.deltas.values() if name in sub.targets)
+
+
+PARAM_FORMULAS.update({"prompt_tuning": prompt_count, "prefix_tuning": prefix_count, "bundle": bundle_count})
+
 # (method, model) pairs that must refuse to attach, with the reason the error must give.
 ATTACH_ERRORS = {("bitfit", "tiny_llama"): "has no module with a bias"}
 METHODS = deltatune.list_methods()
@@ -95,8 +114,8 @@ def test_contract(method, model_name, batch, request, tmp_path):
 
     assert method in PARAM_FORMULAS, f"add the parameter formula of {method!r} to PARAM_FORMULAS"
     targets = model.delta_targets["default"]
-    modules = dict(base.named_modules())
-    expected = sum(PARAM_FORMULAS[method](t, modules[t + ".base_layer"], cfg) for t in targets)
+    modules = dict(iter_logical_modules(base))  # logical names: a bundle nests wrappers (backbone ⊃ mlp)
+    expected = sum(PARAM_FORMULAS[method](t, modules[t], cfg) for t in targets)
     assert model.parameter_report()["trainable"] == expected
 
     randomize_delta(model, std=0.2)
