@@ -1,0 +1,381 @@
+"""The multi-adapter serving engine: continuous batching over a llama-family HF model.
+
+One forward serves rows that use different adapters (or none). The engine wraps every linear
+projection of the decoder layers with a :class:`ServedLoraBranch` (through the core's
+``install_branch``, so the model's own forward runs unchanged) that adds the LoRA term of each
+row's resident adapter with :func:`~deltatune.serve.batched_lora.add_batched_lora`, using the
+row → adapter-slot indices the engine sets before each forward. The decoder layers are the HF
+modules themselves; the engine supplies positions, a per-row attention mask and a
+:class:`~deltatune.serve.kv_cache.StepCache` in place of transformers' cache.
+
+    engine = Engine("smollm2-135m-instruct", "adapters/")
+    engine.generate(["Hello"], adapters=["support-bot"], sampling=SamplingParams(max_tokens=32))
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltatune.core.inject import install_branch, iter_logical_modules, iter_wrappers, remove_branch
+from deltatune.core.method import DeltaBranch
+from deltatune.serve.adapter_pool import AdapterPool
+from deltatune.serve.batched_lora import add_batched_lora
+from deltatune.serve.kv_cache import SlotKVCache, attention_mask
+from deltatune.serve.sampling import SamplingParams, choose_tokens, held_back, make_generator, stop_hit
+from deltatune.serve.scheduler import Request, Scheduler
+from deltatune.utils.errors import ConfigError, DeltatuneError
+
+log = logging.getLogger(__name__)
+SERVE_BRANCH = "_serve_lora"
+SUPPORTED = ("llama",)
+
+
+class RequestError(DeltatuneError, ValueError):
+    """A request the engine cannot run as given (too long, empty prompt, bad token ids)."""
+
+
+class LoraContext:
+    """Row → adapter slot for the forward in progress (set by the engine, read by every branch)."""
+
+    slots: torch.Tensor | None = None
+    active: bool = False
+
+
+class ServedLoraBranch(DeltaBranch):
+    """``base_out + LoRA of each row's adapter`` at one module; rows whose adapter does not touch this module skip it."""
+
+    def __init__(self, pool: AdapterPool, module: str, ctx: LoraContext):
+        super().__init__()
+        self.pool, self.module, self.ctx = pool, module, ctx
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if not self.ctx.active:
+            return base_out
+        slots = self.ctx.slots
+        slots = torch.where((slots >= 0) & self.pool.has[self.module][slots.clamp(min=0)], slots, -1)
+        return add_batched_lora(base_out, x, self.pool.A[self.module], self.pool.B[self.module], slots)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str          # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    adapter: str | None
+
+
+class Engine:
+    """``model``: an alias/path (loaded with its tokenizer) or a llama-family ``*ForCausalLM``.
+
+    ``max_batch`` KV slots of ``max_len`` tokens each (prompt + completion); ``lora_slots`` resident
+    adapters of rank ≤ ``max_lora_rank``; ``prefill_budget`` prompt tokens per step."""
+
+    def __init__(self, model, adapters_dir: str | Path | None = None, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024,
+                 lora_slots: int = 8, max_lora_rank: int = 16, prefill_budget: int = 256, name: str | None = None):
+        if isinstance(model, (str, os.PathLike)):
+            from deltatune.models.load import load_model, load_tokenizer
+
+            name = name or str(model)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+            model = load_model(model, task="causal-lm")
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in SUPPORTED or not hasattr(model, "lm_head"):
+            raise ConfigError(f"the serving engine runs llama-family causal LMs ({', '.join(SUPPORTED)}); got {type(model).__name__} ({model_type!r})")
+        if tokenizer is None:
+            raise ConfigError("Engine needs the model's tokenizer (pass tokenizer=...)")
+        if next(iter_wrappers(model), None) is not None:
+            raise ConfigError("the model already has deltas attached; serve the plain base model and put adapters in the adapters directory (or merge first)")
+        if min(max_batch, max_len, prefill_budget) < 1:
+            raise ConfigError(f"max_batch, max_len and prefill_budget must be >= 1 (got {max_batch}, {max_len}, {prefill_budget})")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", None) or "base"
+        cfg = model.config
+        param = next(model.parameters())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv = SlotKVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_len, head_dim, param.dtype, param.device)
+        self.max_len = max_len
+        self.ctx = LoraContext()
+        self.pool = None
+        self._wrapped: list[str] = []
+        if adapters_dir is not None:
+            if not Path(adapters_dir).is_dir():
+                raise ConfigError(f"adapters directory {str(adapters_dir)!r} does not exist")
+            modules = {n: (m.in_features, m.out_features) for n, m in iter_logical_modules(model.model) if isinstance(m, nn.Linear)}
+            self.pool = AdapterPool(adapters_dir, {f"model.{n}": s for n, s in modules.items()}, lora_slots, max_lora_rank, param.dtype, param.device)
+            for n in self.pool.modules:
+                install_branch(model, n, SERVE_BRANCH, ServedLoraBranch(self.pool, n, self.ctx)).active = [SERVE_BRANCH]
+                self._wrapped.append(n)
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else (cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.scheduler = Scheduler(prefill_budget, self.kv.release)
+        self._incoming: deque[Request] = deque()
+        self._lock = threading.Lock()          # one step at a time
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = {"requests": 0, "finished": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)
+        self.started = time.time()
+
+    # --- requests ---
+    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+        """Token ids as ``deltatune generate`` makes them: a chat (list of messages) through the
+        tokenizer's chat template without extra special tokens; plain text with them."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and not chat:
+            ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        elif chat or isinstance(prompt, list):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError("this model's tokenizer has no chat template; use /v1/completions with a plain prompt")
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise RequestError("the prompt is empty (no tokens)")
+        return ids
+
+    def submit(self, prompt, adapter: str | None = None, sampling: SamplingParams | None = None, on_event=None, chat: bool = False) -> Request:
+        """Queue one request (thread-safe); bad input raises here, before anything is queued."""
+        sampling = sampling or SamplingParams()
+        ids = self.encode(prompt, chat)
+        if len(ids) + sampling.max_tokens > self.max_len:
+            raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds this engine's {self.max_len} tokens per request")
+        if adapter is not None:
+            if self.pool is None:
+                from deltatune.serve.adapter_pool import AdapterNotFoundError
+
+                raise AdapterNotFoundError(f"adapter {adapter!r}: the engine was started without an adapters directory")
+            self.pool.path_of(adapter)
+        req = Request(ids, sampling, adapter, on_event)
+        req.generator = make_generator(sampling.seed)
+        with self._wake:
+            self._incoming.append(req)
+            self.stats["requests"] += 1
+            self._wake.notify()
+        return req
+
+    def generate(self, prompts: list, adapters: list[str | None] | None = None, sampling: SamplingParams | list[SamplingParams] | None = None,
+                 chat: bool = False) -> list[Completion]:
+        """Run ``prompts`` together (request i with ``adapters[i]``) and return their completions in order."""
+        adapters = adapters if adapters is not None else [None] * len(prompts)
+        samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(adapters) != len(prompts) or len(samplings) != len(prompts):
+            raise ConfigError(f"got {len(prompts)} prompts, {len(adapters)} adapters and {len(samplings)} sampling settings; give one per prompt")
+        reqs = [self.submit(p, a, s, chat=chat) for p, a, s in zip(prompts, adapters, samplings)]
+        if self._thread is not None:
+            for r in reqs:
+                r.done.wait()
+        else:
+            while not all(r.done.is_set() for r in reqs):
+                self.step()
+        for r in reqs:
+            if r.error is not None:
+                raise r.error
+        return [self.result(r) for r in reqs]
+
+    def result(self, r: Request) -> Completion:
+        return Completion(r.text, list(r.output_ids), r.finish_reason, len(r.prompt_ids), r.adapter)
+
+    # --- the loop ---
+    def step(self) -> bool:
+        """One scheduling step: admit, decode every running request once, prefill up to the budget, retire.
+        Returns whether any model work was done."""
+        with self._lock:
+            with self._wake:
+                while self._incoming:
+                    self.scheduler.waiting.append(self._incoming.popleft())
+            self._prepare_adapters()
+            self.scheduler.admit(self.kv.allocate, self._adapter_ready)
+            self._fail_waiting(lambda r: r.error is not None, None)
+            worked = False
+            decode = self.scheduler.decode_batch()
+            if decode:
+                tokens = self._forward(decode, [r.next_chunk(1) for r in decode], [True] * len(decode))
+                self._accept(decode, tokens)
+                worked = True
+            prefill = self.scheduler.prefill_batch()
+            if prefill:
+                reqs = [r for r, _ in prefill]
+                chunks = [c for _, c in prefill]
+                last = [r.cached + len(c) == len(r.prompt_ids) for r, c in prefill]
+                tokens = self._forward(reqs, chunks, last)
+                self._accept([r for r, f in zip(reqs, last) if f], tokens)
+                worked = True
+            for r in self.scheduler.retire():
+                self._finish(r)
+            return worked
+
+    def _prepare_adapters(self) -> None:
+        if self.pool is None:
+            return
+        failed = self.pool.poll()
+        if failed:
+            self._fail_waiting(lambda r: r.adapter in failed, lambda r: failed[r.adapter])
+        for r in self.scheduler.waiting:
+            if r.adapter is not None:
+                try:
+                    self.pool.request(r.adapter)
+                except DeltatuneError as err:
+                    r.error = err
+
+    def _adapter_ready(self, req: Request) -> int | None:
+        if req.adapter is None:
+            return -1
+        if req.error is not None or not self.pool.request(req.adapter):
+            return None
+        return self.pool.acquire(req.adapter)
+
+    def _fail_waiting(self, which, error_of) -> None:
+        keep = deque()
+        for r in self.scheduler.waiting:
+            if which(r):
+                if error_of is not None:
+                    r.error = error_of(r)
+                r.finish_reason = "error"
+                self._finish(r)
+            else:
+                keep.append(r)
+        self.scheduler.waiting = keep
+
+    @torch.no_grad()
+    def _forward(self, reqs: list[Request], chunks: list[list[int]], want: list[bool]) -> list[int]:
+        """Run the rows' new tokens through the model; return the next token of each row in ``want``."""
+        device = self.kv.k.device
+        b, t = len(reqs), max(len(c) for c in chunks)
+        tokens = torch.full((b, t), self.pad_id, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tokens[i, : len(c)] = torch.tensor(c)
+        tokens = tokens.to(device)
+        start = torch.tensor([r.cached for r in reqs], device=device)
+        n_new = torch.tensor([len(c) for c in chunks], device=device)
+        positions = start[:, None] + torch.arange(t, device=device)[None, :]
+        self.ctx.slots = torch.tensor([r.lora_slot for r in reqs], device=device)
+        self.ctx.active = any(r.lora_slot >= 0 for r in reqs)
+        inner = self.model.model
+        h = inner.embed_tokens(tokens)
+        cos_sin = inner.rotary_emb(h, positions)
+        cache = self.kv.step([r.kv_slot for r in reqs], start, n_new)
+        mask = attention_mask(start, n_new, t, cache.kv_len, h.dtype)
+        for layer in inner.layers[: self.model.config.num_hidden_layers]:
+            h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=positions, past_key_values=cache)
+        for r, c in zip(reqs, chunks):
+            r.cached += len(c)
+        rows = [i for i, w in enumerate(want) if w]
+        if not rows:
+            return []
+        idx = torch.tensor(rows, device=device)
+        last = h[idx, n_new[idx] - 1]                       # [rows, hidden]: only the positions we sample from
+        logits = self.model.lm_head(inner.norm(last))
+        picked = [reqs[i] for i in rows]
+        return choose_tokens(logits, [r.sampling for r in picked], [r.generator for r in picked])
+
+    def _accept(self, reqs: list[Request], tokens: list[int]) -> None:
+        now = time.time()
+        for r, tok in zip(reqs, tokens):
+            s = r.sampling
+            self.stats["generated_tokens"] += 1
+            self._recent.append((now, 1))
+            if tok in self.eos_ids and not s.ignore_eos:
+                r.finish_reason = "stop"
+            else:
+                r.output_ids.append(tok)
+                r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+                cut = stop_hit(r.text, s.stop) if s.stop else None
+                if cut is not None:
+                    r.text, r.finish_reason = r.text[:cut], "stop"
+                elif len(r.output_ids) >= s.max_tokens:
+                    r.finish_reason = "length"
+            if r.finish_reason is None:
+                # Hold back a possible stop-string start and an incomplete multi-byte character.
+                ready = len(r.text) - (held_back(r.text, s.stop) if s.stop else 0)
+                while ready > r.streamed and r.text[ready - 1] == "\ufffd":
+                    ready -= 1
+                self._emit(r, ready)
+
+    def _emit(self, r: Request, upto: int) -> None:
+        if upto > r.streamed and r.on_event is not None:
+            r.on_event({"text": r.text[r.streamed: upto]})
+        r.streamed = max(r.streamed, upto)
+
+    def _finish(self, r: Request) -> None:
+        if r.kv_slot is not None:
+            self.kv.release(r.kv_slot)
+            r.kv_slot = None
+        if r.lora_slot >= 0 and self.pool is not None:
+            self.pool.release(r.lora_slot)
+        r.lora_slot = -1
+        if r.error is None:
+            self._emit(r, len(r.text))
+            self.stats["finished"] += 1
+            self.stats["prompt_tokens"] += len(r.prompt_ids)
+        else:
+            self.stats["errors"] += 1
+        if r.on_event is not None:
+            r.on_event({"finish_reason": r.finish_reason, "error": r.error})
+        r.done.set()
+
+    # --- background thread (the server) ---
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                worked = self.step()
+            except Exception as err:  # a bug must fail the requests in flight, not hang their clients
+                log.exception("engine step failed")
+                with self._lock:
+                    for r in self.scheduler.running:
+                        r.error, r.finish_reason = DeltatuneError(f"engine error: {err}"), "error"
+                        self._finish(r)
+                    self.scheduler.running = []
+                worked = False
+            if not worked:
+                with self._wake:
+                    if not self._incoming:
+                        self._wake.wait(timeout=0.02)
+
+    def close(self) -> None:
+        """Stop the loop and take the serving wrappers off the model again."""
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        for n in self._wrapped:
+            remove_branch(self.model, n, SERVE_BRANCH)
+        self._wrapped = []
+        if self.pool is not None:
+            self.pool.close()
+
+    def metrics(self) -> dict:
+        now = time.time()
+        window = [n for ts, n in self._recent if now - ts <= 10.0]
+        return {
+            **self.stats,
+            "queue_length": len(self.scheduler.waiting) + len(self._incoming),
+            "running": len(self.scheduler.running),
+            "kv_slots_free": self.kv.free_slots,
+            "resident_adapters": len(self.pool.resident) if self.pool else 0,
+            "adapter_loads": self.pool.loads if self.pool else 0,
+            "adapter_evictions": self.pool.evictions if self.pool else 0,
+            "tokens_per_second": sum(window) / 10.0,
+            "uptime_seconds": now - self.started,
+        }
