@@ -141,3 +141,33 @@ def test_prefix_file_for_another_model_is_refused(tmp_path):
     with pytest.raises(deltatune.DeltatuneError, match=r"'prompt_embeddings' has shape \[4, 64\], but the model needs \[4, 96\]"):
         deltatune.load_delta(deeper, tmp_path / "d")
     assert deltatune.DeltaModel.of(deeper).delta_configs == {}
+
+
+@pytest.mark.slow
+def test_smollm2_prefix_generation_and_peft(tmp_path):
+    """Real SmolLM2-135M: default prefix tuning generates the same with and without the KV cache, and PEFT reads its file."""
+    peft = pytest.importorskip("peft")
+    tok = deltatune.load_tokenizer("smollm2-135m-instruct")
+    enc = tok("The capital of France is", return_tensors="pt")
+    model = deltatune.attach(deltatune.load_model("smollm2-135m-instruct"), {"method": "prefix_tuning"})
+    randomize_delta(model, std=0.05)
+    cached = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert torch.equal(cached, model.generate(**enc, max_new_tokens=3, do_sample=False, use_cache=False))
+    ours = logits(model, **enc)
+    model.save_delta(tmp_path / "d")
+    theirs = logits(peft.PeftModel.from_pretrained(deltatune.load_model("smollm2-135m-instruct"), str(tmp_path / "d")).eval(), **enc)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [*METHODS, "bundle"])
+def test_minilm_classifier_defaults(method, tmp_path):
+    tok = deltatune.load_tokenizer("minilm-l6")
+    batch = dict(tok(["a great movie", "awful"], return_tensors="pt", padding=True))
+    model = deltatune.attach(deltatune.load_model("minilm-l6", task="sequence-classification", num_labels=2), {"method": method, "modules_to_save": ["classifier"]})
+    randomize_delta(model, std=0.05)
+    out = logits(model, **batch)
+    assert out.shape == (2, 2)
+    model.save_delta(tmp_path / "d")
+    fresh = deltatune.load_model("minilm-l6", task="sequence-classification", num_labels=2)
+    assert torch.equal(logits(deltatune.load_delta(fresh, tmp_path / "d"), **batch), out)
