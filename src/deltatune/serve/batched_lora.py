@@ -50,5 +50,6 @@ def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch
         return y
     s = slots.index_select(0, rows)
     xa = torch.bmm(x.index_select(0, rows).to(A.dtype), A.index_select(0, s).transpose(1, 2))
-    y3.index_add_(0, rows, torch.bmm(xa, B.index_select(0, s).transpose(1, 2)).to(y.dtype))
+    # index_put_ (not index_add_): index_add_ goes parallel even for a handful of rows, slow on a busy CPU.
+    y3.index_put_((rows,), torch.bmm(xa, B.index_select(0, s).transpose(1, 2)).to(y.dtype), accumulate=True)
     return y
