@@ -171,3 +171,27 @@ def test_minilm_classifier_defaults(method, tmp_path):
     model.save_delta(tmp_path / "d")
     fresh = deltatune.load_model("minilm-l6", task="sequence-classification", num_labels=2)
     assert torch.equal(logits(deltatune.load_delta(fresh, tmp_path / "d"), **batch), out)
+
+
+@pytest.mark.parametrize("delta", [
+    "method: prefix_tuning\n  num_virtual_tokens: 4\n  projection_size: 16",
+    "method: prompt_tuning\n  num_virtual_tokens: 4",
+])
+def test_trainer_learns_and_generates(delta, tmp_path):
+    """The plain training loop (chunked LM loss on the backbone, generation-based eval) with a virtual-token delta."""
+    from deltatune.train.config import load_recipe
+    from deltatune.train.loop import train
+    from tests.helpers import save_tiny_lm
+
+    lm = save_tiny_lm(tmp_path / "lm")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model:\n  name: {lm}\ndelta:\n  {delta}\ngenerate:\n  task: addition\n  n_train: 64\n  n_eval: 8\n  digits: 2\n"
+        f"data:\n  template: plain\noptim:\n  lr: 0.05\ntrain:\n  max_steps: 10\n  batch_size: 8\n  progress: false\n"
+        f"eval:\n  metric: exact_match\n  max_new_tokens: 3\n  before_training: true\noutput:\n  dir: {tmp_path}\n  name: run\n"
+    )
+    result = train(load_recipe(recipe, []))
+    assert result["after"]["loss"] < result["before"]["loss"]
+    assert 0.0 <= result["after"]["exact_match"] <= 1.0
+    loaded = deltatune.load_delta(deltatune.load_model(lm), tmp_path / "run" / "adapter")
+    assert loaded.delta_configs["default"].num_virtual_tokens == 4
