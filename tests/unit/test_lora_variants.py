@@ -137,6 +137,27 @@ def test_grow_ranks_follows_importance(tiny_llama, input_ids):
     assert sum(b.rank for b in named.values()) == 8
 
 
+def test_incremental_allocation_survives_a_checkpoint(tiny_llama, input_ids):
+    """Trainer checkpoints hold trainable parameters only; the grown ranks come back from B's columns."""
+    model = deltatune.attach(tiny_llama, {"method": "lora", "rank_allocation": "incremental", "r": 4})
+    named = branches(model)
+    first = next(iter(named.values()))
+    first.grow()
+    first.grow()
+    with torch.no_grad():
+        first.lora_B.weight[:, :3].normal_(0, 0.3)
+    out = logits(model, input_ids)
+    trainable = {k: v.clone() for k, v in model.delta_parameters().items()}
+    model.detach("default")
+    resumed = deltatune.attach(tiny_llama, {"method": "lora", "rank_allocation": "incremental", "r": 4})
+    with torch.no_grad():
+        for k, p in resumed.delta_parameters().items():
+            p.copy_(trainable[k])
+    resumed.train()
+    assert torch.equal(logits(resumed, input_ids), out)
+    assert sorted(rank_report(resumed).values()) == [1, 1, 1, 3]
+
+
 def test_incremental_rank_grows_in_train(tmp_path):
     from deltatune.train.config import load_recipe
     from deltatune.train.loop import train
