@@ -191,6 +191,12 @@ class Engine:
     def result(self, r: Request) -> Completion:
         return Completion(r.text, list(r.output_ids), r.finish_reason, len(r.prompt_ids), r.adapter)
 
+    def cancel(self, req: Request) -> None:
+        """Stop ``req`` (thread-safe): its KV slot and adapter reference are freed at the next step."""
+        req.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
     # --- the loop ---
     def step(self) -> bool:
         """One scheduling step: admit, decode every running request once, prefill up to the budget, retire.
@@ -199,6 +205,12 @@ class Engine:
             with self._wake:
                 while self._incoming:
                     self.scheduler.waiting.append(self._incoming.popleft())
+            for r in self.scheduler.running:
+                if r.cancelled:
+                    r.finish_reason = "cancelled"
+            for r in self.scheduler.retire():
+                self._finish(r)
+            self._fail_waiting(lambda r: r.cancelled, None)
             self._prepare_adapters()
             self.scheduler.admit(self.kv.allocate, self._adapter_ready)
             self._fail_waiting(lambda r: r.error is not None, None)
@@ -246,7 +258,7 @@ class Engine:
             if which(r):
                 if error_of is not None:
                     r.error = error_of(r)
-                r.finish_reason = "error"
+                r.finish_reason = "cancelled" if r.cancelled else "error"
                 self._finish(r)
             else:
                 keep.append(r)

@@ -36,6 +36,7 @@ class Request:
     text: str = ""
     streamed: int = 0                                 # characters of ``text`` already sent
     finish_reason: str | None = None
+    cancelled: bool = False                           # set from any thread; the engine drops the request at its next step
     error: BaseException | None = None
     generator: torch.Generator | None = None
     done: threading.Event = field(default_factory=threading.Event)
