@@ -80,10 +80,13 @@ def run_merge(recipe: MergeRecipe, log=print) -> dict:
     start = time.perf_counter()
     plan = open_plan(recipe)
     try:
-        if output_format(recipe, plan) == "adapter":
+        fmt = output_format(recipe, plan)
+        if fmt == "adapter":
             from deltatune.algebra.lora_merge import merge_lora_adapters
 
             report = merge_lora_adapters(recipe, plan)
+        elif fmt == "sparse":
+            report = write_sparse_delta(recipe, plan)
         else:
             report = write_full_model(recipe, plan)
     finally:
@@ -150,6 +153,22 @@ def write_full_model(recipe: MergeRecipe, plan: MergePlan) -> dict:
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def write_sparse_delta(recipe: MergeRecipe, plan: MergePlan) -> dict:
+    """The merged task vector as a sparse delta (non-zero entries, or the top ``output.density`` share)."""
+    from deltatune.algebra.sparse import to_sparse, write_sparse
+
+    delta, kept, total = {}, 0, 0
+    for name, base, merged in merged_tensors(recipe, plan):
+        total += base.numel()
+        if merged is not None:
+            idx, val = to_sparse(merged, recipe.output.density)
+            if idx.numel():
+                delta[name] = (idx, val, tuple(base.shape))
+                kept += idx.numel()
+    write_sparse(recipe.output.path, delta, plan.base.name)
+    return {"output": str(recipe.output.path), "format": "sparse", "method": recipe.method, "entries": kept, "density": kept / max(total, 1)}
 
 
 def copy_model_files(source: Path, dest: Path) -> None:

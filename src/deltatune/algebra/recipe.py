@@ -9,7 +9,7 @@
     lines: {alpha: 0.0, beta: 1.0}       # optional LiNeS layer scaling of the merged task vector
     lora: {mode: concat}                 # LoRA adapters → one adapter: concat (exact) | svd (rank r)
     eval: {data: dev.tsv, task: sequence-classification, metric: accuracy}   # greedy soup
-    output: {path: out/merged}           # HF directory, or an adapter directory for LoRA merges
+    output: {path: out/merged}           # HF directory; an adapter directory for LoRA merges; format: sparse
 
 Errors name the file, line and dotted key, with the closest valid key (as training recipes do).
 """
@@ -82,8 +82,9 @@ class MergeEvalConfig(StrictConfig):
 
 class OutputSpec(StrictConfig):
     path: str
-    format: Literal["auto", "hf", "adapter"] = "auto"
+    format: Literal["auto", "hf", "adapter", "sparse"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    density: float | None = Field(None, gt=0, le=1)   # sparse output: keep this top share of each merged task vector
 
 
 class MergeRecipe(StrictConfig):

@@ -248,10 +248,14 @@ def _module_renamer(base_modules: set[str]):
 
 
 def open_input(path: str | Path):
-    """A :class:`FullInput` or :class:`AdapterInput` by what the directory holds."""
+    """A :class:`FullInput`, :class:`AdapterInput` or sparse delta by what the directory holds."""
+    from deltatune.algebra.sparse import SparseInput, is_sparse_dir
+
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"merge input {str(path)!r} does not exist (expected a HF model directory or a delta directory)")
+    if is_sparse_dir(path):
+        return SparseInput(path)
     if (path / DELTATUNE_FILE).is_file() or (path / CONFIG_FILE).is_file():
         return AdapterInput(path)
     if (path / "config.json").is_file():
