@@ -87,7 +87,7 @@ def test_incremental_starts_small_and_unchanged(tiny_llama, input_ids, tmp_path)
     original = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     model = deltatune.attach(tiny_llama, {"method": "lora", "rank_allocation": "incremental", "r": 6, "initial_r": 2})
     cfg = model.delta_configs["default"]
-    assert cfg.rank_budget == 4 * 6 // 2  # default: half of the pre-allocated ranks (4 modules × r 6)
+    assert cfg.total_r == 4 * 6 // 2  # default: half of the pre-allocated ranks (4 modules × r 6)
     assert torch.equal(logits(model, input_ids), ref)
     assert set(rank_report(model).values()) == {2}
     # every pre-allocated rank is a parameter from the start: the optimizer's set never changes
@@ -108,8 +108,8 @@ def test_incremental_starts_small_and_unchanged(tiny_llama, input_ids, tmp_path)
 
 
 def test_incremental_budget_errors(tiny_llama):
-    with pytest.raises(ConfigError, match=r"rank_budget=30 must lie between 4 \(4 modules × initial_r 1\) and 24 \(4 modules × r 6\)"):
-        deltatune.attach(tiny_llama, {"method": "lora", "rank_allocation": "incremental", "r": 6, "rank_budget": 30})
+    with pytest.raises(ConfigError, match=r"total_r=30 must lie between 4 \(4 modules × initial_r 1\) and 24 \(4 modules × r 6\)"):
+        deltatune.attach(tiny_llama, {"method": "lora", "rank_allocation": "incremental", "r": 6, "total_r": 30})
     with pytest.raises(ConfigError, match="initial_r .* must be at most r"):
         deltatune.attach(tiny_llama, {"method": "lora", "rank_allocation": "incremental", "r": 2, "initial_r": 3})
     with pytest.raises(ConfigError, match="grow_every is only used with rank_allocation: incremental"):
@@ -117,7 +117,7 @@ def test_incremental_budget_errors(tiny_llama):
 
 
 def test_grow_ranks_follows_importance(tiny_llama, input_ids):
-    model = deltatune.attach(tiny_llama, {"method": "lora", "rank_allocation": "incremental", "r": 4, "rank_budget": 8,
+    model = deltatune.attach(tiny_llama, {"method": "lora", "rank_allocation": "incremental", "r": 4, "total_r": 8,
                                           "grow_every": 2, "grow_count": 2, "importance_beta": 0.0})
     cfg = model.delta_configs["default"]
     named = branches(model)
@@ -167,7 +167,7 @@ def test_incremental_rank_grows_in_train(tmp_path):
     recipe.write_text(textwrap.dedent(f"""\
         model: {{name: {lm}}}
         delta: {{method: lora, targets: all-linear, r: 4, alpha: 8, rank_allocation: incremental, initial_r: 1,
-                 rank_budget: 18, grow_every: 2, grow_count: 2}}
+                 total_r: 18, grow_every: 2, grow_count: 2}}
         generate: {{task: addition, n_train: 64, n_eval: 8, digits: 2}}
         data: {{template: plain}}
         optim: {{lr: 0.01}}

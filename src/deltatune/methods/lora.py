@@ -33,7 +33,7 @@ class LoraConfig(DeltaConfig):
 
     ``rank_allocation: incremental`` pre-allocates rank ``r`` per module, starts with ``initial_r``
     active ranks and every ``grow_every`` steps gives one more rank to the ``grow_count`` modules
-    with the highest importance, until the active ranks of all modules sum to ``rank_budget``
+    with the highest importance, until the active ranks of all modules sum to ``total_r``
     (default: half of the pre-allocated ranks). ``importance_beta``: EMA factor of the score."""
 
     method: Literal["lora"] = "lora"
@@ -45,7 +45,7 @@ class LoraConfig(DeltaConfig):
     bias: Literal["none"] = "none"
     rank_allocation: Literal["fixed", "incremental"] = "fixed"
     initial_r: int = Field(1, gt=0)
-    rank_budget: int | None = Field(None, gt=0)
+    total_r: int | None = Field(None, gt=0)
     grow_every: int = Field(10, gt=0)
     grow_count: int = Field(1, gt=0)
     importance_beta: float = Field(0.85, ge=0.0, lt=1.0)
@@ -53,7 +53,7 @@ class LoraConfig(DeltaConfig):
     @model_validator(mode="after")
     def _check_options(self) -> "LoraConfig":
         # A saved config lists every field, so only a non-default value counts as "set".
-        incremental_only = [k for k in ("initial_r", "rank_budget", "grow_every", "grow_count", "importance_beta")
+        incremental_only = [k for k in ("initial_r", "total_r", "grow_every", "grow_count", "importance_beta")
                             if getattr(self, k) != type(self).model_fields[k].default]
         if self.rank_allocation == "fixed" and incremental_only:
             raise ValueError(f"{sorted(incremental_only)[0]} is only used with rank_allocation: incremental")

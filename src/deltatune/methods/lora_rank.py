@@ -1,7 +1,7 @@
 """Incremental rank allocation for LoRA (IncreLoRA-style, Zhang et al., 2023).
 
 Every wrapped module starts with ``initial_r`` active ranks; during training the modules whose
-update matters most get more, until the active ranks of all modules sum to ``rank_budget``.
+update matters most get more, until the active ranks of all modules sum to ``total_r``.
 
 Ranks are pre-allocated up to ``r`` per module and switched on by a 0/1 mask, so the set of
 parameters the optimizer holds never changes::
@@ -90,16 +90,16 @@ class IncrementalLoraBranch(LoraBranch):
 
 
 def resolve_budget(method, model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """Fill the default ``rank_budget`` (half the pre-allocated ranks) and check it fits the targets."""
+    """Fill the default ``total_r`` (half the pre-allocated ranks) and check it fits the targets."""
     targets = select_targets(model, method.resolve_targets(model, config), config.exclude, method.can_wrap, method.target_kind)
     n = len(targets)
-    budget = config.rank_budget if config.rank_budget is not None else max(n * config.initial_r, n * config.r // 2)
+    budget = config.total_r if config.total_r is not None else max(n * config.initial_r, n * config.r // 2)
     if not n * config.initial_r <= budget <= n * config.r:
         raise ConfigError(
-            f"lora rank_budget={budget} must lie between {n * config.initial_r} ({n} modules × initial_r {config.initial_r}) "
+            f"lora total_r={budget} must lie between {n * config.initial_r} ({n} modules × initial_r {config.initial_r}) "
             f"and {n * config.r} ({n} modules × r {config.r})"
         )
-    return config.model_copy(update={"rank_budget": budget})
+    return config.model_copy(update={"total_r": budget})
 
 
 def grow_ranks(branches: dict, config: LoraConfig, step: int) -> list[str]:
@@ -112,7 +112,7 @@ def grow_ranks(branches: dict, config: LoraConfig, step: int) -> list[str]:
         branch.update_importance(config.importance_beta)
     if step % config.grow_every:
         return []
-    room = config.rank_budget - sum(b.rank for b in lora.values())
+    room = config.total_r - sum(b.rank for b in lora.values())
     candidates = sorted((name for name, b in lora.items() if b.rank < config.r), key=lambda n: -float(lora[n].importance))
     grown = candidates[: max(0, min(room, config.grow_count))]
     for name in grown:
