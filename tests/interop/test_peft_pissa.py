@@ -98,8 +98,13 @@ def test_smollm2_pissa_roundtrip_with_peft(tmp_path):
     enc = tokenizer("The quick brown fox jumps over the lazy dog because", return_tensors="pt")
     # Four layers keep the SVDs (ours at attach, PEFT's at load) cheap on a busy CPU.
     targets = [r"re:model\.layers\.[0-3]\.self_attn\.(q|v)_proj"]
-    model = deltatune.attach(deltatune.load_model("smollm2-135m-instruct"), {"method": "lora", "init": "pissa", "r": 8, "targets": targets})
+    base = deltatune.load_model("smollm2-135m-instruct")
+    with torch.no_grad():
+        plain = base(**enc).logits
+    model = deltatune.attach(base, {"method": "lora", "init": "pissa", "r": 8, "targets": targets})
     assert len(model.delta_targets["default"]) == 8
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, plain), "unchanged at attach time on the real model"
     randomize_delta(model, std=0.01)
     with torch.no_grad():
         ours = model(**enc).logits
@@ -107,7 +112,5 @@ def test_smollm2_pissa_roundtrip_with_peft(tmp_path):
     loaded = peft.PeftModel.from_pretrained(deltatune.load_model("smollm2-135m-instruct"), str(tmp_path / "d")).eval()
     with torch.no_grad():
         theirs = loaded(**enc).logits
-        with loaded.disable_adapter():
-            plain = loaded(**enc).logits
     assert (ours - theirs).abs().max().item() < 1e-3
     assert (ours - plain).abs().max().item() > 1e-2

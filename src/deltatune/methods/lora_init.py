@@ -12,8 +12,8 @@ mechanics are the same.) This is exactly PEFT's ``init_lora_weights="pissa"``.
 The residual is not written into the base weight: the branch keeps A₀, B₀ as frozen buffers and
 computes ``y = W x + s · (B A x − B₀ A₀ x) = W_res x + s · B A x``. Same function, same
 gradients for A and B, but the base stays untouched, so ``disable()``, other deltas on the same
-base and ``unload()`` see the original W. At attach time A = A₀, B = B₀ and both products are
-computed identically, so the model is unchanged bit for bit.
+base and ``unload()`` see the original W. The update is evaluated as ``(B − B₀) A x + B₀ (A − A₀) x``,
+exactly zero at attach time, so the model is unchanged bit for bit.
 
 Files hold A and B (rank r) with PEFT's ``init_lora_weights: "pissa"``; loading (deltatune or
 PEFT) recomputes A₀, B₀ from the base weights, which must be the ones the delta was trained on.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from deltatune.methods.lora import LoraBranch, LoraConfig
 from deltatune.utils.errors import TargetError
@@ -54,10 +55,16 @@ class PissaLoraBranch(LoraBranch):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
-        # The difference first: at init both products are bitwise equal, so the output is exactly unchanged.
-        update = self.lora_B(self.lora_A(self.dropout(x))) - F.linear(F.linear(x, self.pissa_A0), self.pissa_B0)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            update = F.linear(F.linear(self.dropout(x), a), b) - F.linear(F.linear(x, self.pissa_A0), self.pissa_B0)
+        else:
+            # B A − B₀ A₀ = (B − B₀) A + B₀ (A − A₀): products of exact zeros at init, so the output is
+            # unchanged bit for bit (two separately computed products need not round alike).
+            update = F.linear(F.linear(x, a), b - self.pissa_B0) + F.linear(F.linear(x, a - self.pissa_A0), self.pissa_B0)
         return base_out.add_(update.to(base_out.dtype), alpha=self.scaling)
 
     def delta_weight(self, base) -> torch.Tensor:
-        """ΔW = s · (B A − B₀ A₀), shape [out, in]: the change from the original W."""
-        return (self.lora_B.weight @ self.lora_A.weight - self.pissa_B0 @ self.pissa_A0) * self.scaling
+        """ΔW = s · (B A − B₀ A₀) = s · ((B − B₀) A + B₀ (A − A₀)), shape [out, in]: the change from the original W."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return ((b - self.pissa_B0) @ a + self.pissa_B0 @ (a - self.pissa_A0)) * self.scaling
