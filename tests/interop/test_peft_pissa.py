@@ -57,6 +57,18 @@ def test_deltatune_pissa_file_loads_in_peft(ids, tmp_path):
         assert (logits(loaded, ids) - ours).abs().max() > 1e-3
 
 
+def test_converted_pissa_loads_in_peft_as_plain_lora(ids, tmp_path):
+    from deltatune.methods.lora_init import pissa_to_lora
+
+    model = deltatune.attach(tiny(), {"method": "lora", "init": "pissa", "r": 4})
+    randomize_delta(model, std=0.1)
+    ours = logits(model, ids)
+    model.save_delta(tmp_path / "d", pissa_to_lora(model))
+    loaded = peft.PeftModel.from_pretrained(tiny(), str(tmp_path / "d")).eval()
+    assert loaded.peft_config["default"].init_lora_weights is True and loaded.peft_config["default"].r == 8
+    assert (logits(loaded, ids) - ours).abs().max() < 1e-5
+
+
 def test_peft_pissa_files_load_in_deltatune(ids, tmp_path):
     """Both PEFT forms: the PiSSA adapter itself, and PEFT's conversion to a plain rank-2r LoRA."""
     theirs = peft.get_peft_model(tiny(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))

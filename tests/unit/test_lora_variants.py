@@ -8,7 +8,7 @@ import torch
 
 import deltatune
 from deltatune.core.inject import iter_wrappers
-from deltatune.methods.lora_init import pissa_factors
+from deltatune.methods.lora_init import pissa_factors, pissa_to_lora
 from deltatune.methods.lora_rank import IncrementalLoraBranch, grow_ranks, rank_report
 from deltatune.utils.errors import ConfigError
 from tests.helpers import randomize_delta, save_tiny_lm
@@ -70,6 +70,21 @@ def test_pissa_contract(model_name, targets, input_ids, request, tmp_path):
     fresh = type(base)(base.config).eval()
     fresh.load_state_dict(original)
     assert torch.equal(logits(deltatune.load_delta(fresh, tmp_path / "d"), input_ids), out)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_pissa_to_lora(tiny_llama, input_ids, rslora, tmp_path):
+    model = deltatune.attach(tiny_llama, {"method": "lora", "init": "pissa", "r": 4, "rslora": rslora})
+    randomize_delta(model, std=0.1)
+    out = logits(model, input_ids)
+    assert pissa_to_lora(model) == "lora"
+    cfg = model.delta_configs["lora"]
+    assert model.active == ["lora"] and cfg.init == "kaiming" and cfg.r == 8
+    assert (logits(model, input_ids) - out).abs().max() < 1e-5
+    model.save_delta(tmp_path / "plain", "lora")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    with pytest.raises(ConfigError, match="delta 'lora' is not a LoRA delta with init: pissa"):
+        pissa_to_lora(model, "lora", "again")
 
 
 def test_pissa_errors(tiny_llama):

@@ -17,6 +17,7 @@ exactly zero at attach time, so the model is unchanged bit for bit.
 
 Files hold A and B (rank r) with PEFT's ``init_lora_weights: "pissa"``; loading (deltatune or
 PEFT) recomputes A₀, B₀ from the base weights, which must be the ones the delta was trained on.
+:func:`pissa_to_lora` turns the delta into a plain rank-2r LoRA that needs no SVD to load.
 """
 from __future__ import annotations
 
@@ -68,3 +69,32 @@ class PissaLoraBranch(LoraBranch):
         """ΔW = s · (B A − B₀ A₀) = s · ((B − B₀) A + B₀ (A − A₀)), shape [out, in]: the change from the original W."""
         a, b = self.lora_A.weight, self.lora_B.weight
         return ((b - self.pissa_B0) @ a + self.pissa_B0 @ (a - self.pissa_A0)) * self.scaling
+
+
+@torch.no_grad()
+def pissa_to_lora(model, name: str = "default", new_name: str = "lora") -> str:
+    """Attach ``new_name``: a plain LoRA delta (rank 2r) equal to PiSSA delta ``name`` on the original base.
+
+    ``s·(B A − B₀ A₀) = s·[B, −B₀] [A; A₀]``, with alpha doubled (√2 × with rslora) so the scale of
+    rank 2r equals the scale of rank r: PEFT's ``path_initial_model_for_weight_conversion``. The
+    result no longer needs the SVD at load time (nor the same base bits to reproduce it); it becomes
+    the active and trainable delta, ready for ``save_delta``. Returns ``new_name``.
+    """
+    from deltatune.core.inject import iter_wrappers
+    from deltatune.utils.errors import ConfigError
+
+    config = model.delta_configs.get(name)
+    if config is None or config.method != "lora" or config.init != "pissa":
+        raise ConfigError(f"pissa_to_lora: delta {name!r} is not a LoRA delta with init: pissa")
+    pissa = {m: w.deltas[name] for m, w in iter_wrappers(model.base_model) if name in w.deltas and isinstance(w.deltas[name], PissaLoraBranch)}
+    alpha = config.alpha * (2**0.5 if config.rslora else 2.0)
+    model.attach(config.model_copy(update={"init": "kaiming", "r": 2 * config.r, "alpha": alpha, "targets": list(pissa), "exclude": []}), name=new_name)
+    old, new = model.delta_state_dict(name), model.delta_state_dict(new_name)
+    for module, branch in pissa.items():
+        new[f"{module}.lora_A.weight"].copy_(torch.cat([branch.lora_A.weight, branch.pissa_A0]))
+        new[f"{module}.lora_B.weight"].copy_(torch.cat([branch.lora_B.weight, -branch.pissa_B0], dim=1))
+    for key, value in old.items():  # trained modules_to_save copies carry over as they are
+        if key not in new or key.endswith(("lora_A.weight", "lora_B.weight")):
+            continue
+        new[key].copy_(value)
+    return new_name
