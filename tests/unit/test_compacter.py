@@ -93,3 +93,15 @@ def test_phm_dim_must_divide(tiny_llama):
     with pytest.raises(TargetError, match=r"phm_dim=3 must divide the output features of 'model.layers.0.self_attn.o_proj' \(32\)"):
         deltatune.attach(tiny_llama, {"method": "compacter", "phm_dim": 3, "size": 9})
     assert not list(iter_wrappers(tiny_llama))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [{"method": "compacter"}, {"method": "compacter", "variant": "compacter++"}, {"method": "lofit"}])
+def test_defaults_on_minilm(config):
+    """The real MiniLM-L6 classifier: default targets resolve, the model is unchanged at attach time."""
+    base = deltatune.load_model("minilm-l6", task="sequence-classification", num_labels=2).eval()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = logits(base, ids)
+    model = deltatune.attach(base, config)
+    assert len(model.delta_targets["default"]) == {"compacter": 12, "compacter++": 6, "lofit": 6}[config.get("variant", config["method"])]
+    assert torch.equal(logits(model, ids), ref)
