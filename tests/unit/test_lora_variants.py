@@ -87,6 +87,17 @@ def test_pissa_to_lora(tiny_llama, input_ids, rslora, tmp_path):
         pissa_to_lora(model, "lora", "again")
 
 
+def test_pissa_with_dropout_follows_model_mode(tiny_llama, input_ids):
+    """Branches attached to a model in eval mode are in eval mode: no dropout, exact identity at init."""
+    ref = logits(tiny_llama, input_ids)
+    model = deltatune.attach(tiny_llama, {"method": "lora", "init": "pissa", "r": 4, "dropout": 0.5})
+    assert torch.equal(logits(model, input_ids), ref)
+    model.train()
+    assert all(b.training for b in branches(model).values())
+    model.eval()
+    assert torch.equal(logits(model, input_ids), ref)
+
+
 def test_pissa_errors(tiny_llama):
     with pytest.raises(deltatune.DeltatuneError, match=r"r=40 exceeds the rank of 'model.layers.0.self_attn.q_proj' \(weight \[32, 32\]\)"):
         deltatune.attach(tiny_llama, {"method": "lora", "init": "pissa", "r": 40})

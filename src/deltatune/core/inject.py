@@ -99,6 +99,8 @@ def install_branch(model: nn.Module, name: str, delta_name: str, branch: DeltaBr
     ref = current.base_layer.weight if hasattr(current.base_layer, "weight") else None
     if ref is not None:
         branch.to(device=ref.device)
+    # A new nn.Module is in training mode; follow the model's mode (LoRA dropout must stay off in an eval model).
+    branch.train(current.base_layer.training)
     current.deltas[delta_name] = branch
     return current
 
