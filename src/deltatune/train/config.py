@@ -35,13 +35,40 @@ class GenerateSection(StrictConfig):
     seed: int = 0
 
 
+class GaloreOptions(StrictConfig):
+    """GaLore: ``rank`` of the gradient subspace, refreshed every ``update_gap`` steps; ``scale`` α of the update."""
+
+    rank: int = Field(128, gt=0)
+    update_gap: int = Field(200, gt=0)
+    scale: float = Field(0.25, gt=0)
+
+
+class LisaOptions(StrictConfig):
+    """LISA: ``layers`` (γ) middle layers unfrozen at a time, re-sampled every ``interval`` (K) steps."""
+
+    layers: int = Field(2, gt=0)
+    interval: int = Field(20, gt=0)
+
+
+class MezoOptions(StrictConfig):
+    """MeZO: perturbation size ``eps``; Sparse MeZO perturbs the ``density`` share of smallest-|θ| entries."""
+
+    eps: float = Field(1e-3, gt=0)
+    density: float = Field(0.25, gt=0, le=1)
+
+
 class OptimConfig(StrictConfig):
-    name: Literal["adamw"] = "adamw"
+    """``name``: adamw, or a memory-efficient full fine-tuning optimizer (see :mod:`deltatune.optim`)."""
+
+    name: Literal["adamw", "galore", "lisa", "lomo", "adalomo", "mezo", "sparse_mezo"] = "adamw"
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    galore: GaloreOptions = GaloreOptions()
+    lisa: LisaOptions = LisaOptions()
+    mezo: MezoOptions = MezoOptions()
 
 
 class ScheduleConfig(StrictConfig):

@@ -26,6 +26,7 @@ from deltatune.train.metrics import MetricsLog, accuracy_and_macro_f1, peak_rss_
 from deltatune.train.objective import CausalLMObjective, ClassificationObjective, predict_classes
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.setup import build_model, make_stream, prepare_data, trainable_parameters
+from deltatune.utils.errors import ConfigError
 from deltatune.utils.io import write_json_atomic, write_text_atomic
 from deltatune.utils.memory import tune_allocator
 from deltatune.utils.seed import seed_everything
@@ -59,7 +60,10 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
         objective = torch.compile(objective)
     wrapped = torch.nn.parallel.DistributedDataParallel(objective) if info.enabled else objective
     params = trainable_parameters(model)
-    optimizer = build_optimizer(params, recipe.optim)
+    optimizer = build_optimizer(params, recipe.optim, model, objective)
+    owns_step = getattr(optimizer, "owns_step", False)  # LOMO/MeZO run their own forward/backward (deltatune.optim)
+    if owns_step and info.enabled:
+        raise ConfigError(f"optim.name {recipe.optim.name} runs its own forward/backward passes and does not support data parallel training")
     scheduler = build_scheduler(optimizer, cfg.max_steps, recipe.schedule)
     stream = make_stream(recipe, data, tokenizer, model)
 
@@ -94,8 +98,9 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
             micro = [to_device(slice_batch(next(stream), info), info.device) for _ in range(cfg.grad_accum)]
             local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) if not classification else len(b["labels"]) for b in micro)
             total_targets = all_reduce_sum(torch.tensor(float(local_targets)), info).item()
-            loss_total = torch.zeros(())
-            for i, batch in enumerate(micro):
+
+            def step_loss(i, batch, total_targets=total_targets):
+                """(the micro-batch's share of the step loss, to differentiate; its detached loss sum)."""
                 with autocast:
                     loss_sum, _ = wrapped(batch)
                 # DDP averages gradients over processes; scale so the result is sum / global count.
@@ -103,11 +108,19 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                 # A delta's penalty (e.g. LoFiT's L1) counts once per step; every process adds the same
                 # term, so DDP's average keeps it as is. The logged loss is the data loss only.
                 penalty = model.regularization_loss() if i == 0 and hasattr(model, "regularization_loss") else None
-                (loss if penalty is None else loss + penalty).backward()
-                loss_total += loss_sum.detach().float().cpu()
-            if recipe.optim.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
-            optimizer.step()
+                return (loss if penalty is None else loss + penalty), loss_sum.detach().float().cpu()
+
+            if owns_step:
+                loss_total = optimizer.train_step(micro, step_loss)
+            else:
+                loss_total = torch.zeros(())
+                for i, batch in enumerate(micro):
+                    loss, loss_sum = step_loss(i, batch)
+                    loss.backward()
+                    loss_total += loss_sum
+                if recipe.optim.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
+                optimizer.step()
             scheduler.step()
             if hasattr(model, "on_train_step"):  # before zero_grad: hooks may read the step's gradients
                 model.on_train_step(step + 1)
