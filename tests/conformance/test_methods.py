@@ -80,6 +80,16 @@ def bundle_count(name: str, module, cfg) -> int:
 
 PARAM_FORMULAS.update({"prompt_tuning": prompt_count, "prefix_tuning": prefix_count, "bundle": bundle_count})
 
+# Sparse deltas (one value per kept entry, k = ⌊density·out·in⌋), DSEE (LoRA + sparse), HFT (a dense ΔW per matrix).
+def sparse_count(name: str, m, cfg) -> int:
+    from deltatune.methods.sparse_core import budget
+
+    return budget(m.weight.numel(), cfg.density)
+
+
+PARAM_FORMULAS.update({"lt_sft": sparse_count, "sparse_dynamic": sparse_count, "lift": sparse_count, "hft": lambda name, m, cfg: m.weight.numel(),
+                       "dsee": lambda name, m, cfg: sparse_count(name, m, cfg) + cfg.r * (m.in_features + m.out_features)})
+
 # (method, model) pairs that must refuse to attach, with the reason the error must give.
 ATTACH_ERRORS = {("bitfit", "tiny_llama"): "has no module with a bias"}
 METHODS = deltatune.list_methods()
