@@ -83,6 +83,7 @@ class AdapterPool:
         self.B = {m: torch.zeros(num_slots, o, max_rank, dtype=dtype, device=device) for m, (_, o) in modules.items()}
         # has[m][s]: whether slot s's adapter touches module m; rows of other slots skip m entirely.
         self.has = {m: torch.zeros(num_slots, dtype=torch.bool, device=device) for m in modules}
+        self.has_list = {m: [False] * num_slots for m in modules}  # the same, for per-step planning in Python
         self.resident: OrderedDict[str, int] = OrderedDict()  # name → slot, least recently used first
         self.refs = [0] * num_slots
         self.free = list(range(num_slots))
@@ -162,6 +163,7 @@ class AdapterPool:
             self.A[m][slot].zero_()
             self.B[m][slot].zero_()
             self.has[m][slot] = m in prepared
+            self.has_list[m][slot] = m in prepared
             if m in prepared:
                 a, b = prepared[m]
                 self.A[m][slot, : a.shape[0]].copy_(a)

@@ -4,19 +4,28 @@ S-LoRA / punica style. The adapters resident in memory are stacked per wrapped m
 
     A      [S, R, in]    lora_A of slot s, rows beyond the adapter's rank r_s are zero
     B      [S, out, R]   lora_B of slot s *already multiplied by its scale* (alpha / r), columns beyond r_s zero
-    x      [b, t, in]    b requests (rows) of t tokens each
+    x      [b, t, in]    b requests (rows) of t tokens each (or [b, in])
     slots  [b] long      the slot of each row's adapter, or -1 for "no adapter"
 
 Semantics (the plain-PyTorch reference, :func:`lora_delta_reference`)::
 
     y[i] += x[i] @ A[slots[i]].T @ B[slots[i]].T      for every i with slots[i] >= 0
 
-Zero padding makes mixed ranks exact: the padded rank directions contribute ``0 · 0``. The fast
-path (:func:`add_batched_lora`) gathers each row's A/B and runs two batched matmuls — no Python
-loop over requests or adapters — and only over the rows that have an adapter, so rows with
-``-1`` cost nothing and a batch without adapters costs one comparison.
+Zero padding makes mixed ranks exact: the padded rank directions contribute ``0 · 0``.
+
+The fast path (:func:`add_batched_lora`) is a segmented matmul that moves activations, never
+weights: the tokens that have an adapter are scattered into a zero-padded block
+``X [G, M, in]`` — group ``g`` holds the tokens of slot ``lo + g``, ``M`` the most tokens any
+slot has — and two batched matmuls run against the *views* ``A[lo:hi+1]`` and ``B[lo:hi+1]``.
+Each resident adapter's weights are read once per call and never copied (gathering a weight
+copy per row, the obvious alternative, moves ``b·R·(in+out)`` floats per module and costs more
+than the matmuls). No Python loop over requests or adapters; rows with ``-1`` are not touched
+and a batch without adapters costs nothing. The grouping (:func:`plan_lora`) depends only on
+``slots`` and is built once per forward and shared by every module.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -30,26 +39,51 @@ def lora_delta_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slot
     return out
 
 
-def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``y += lora_delta_reference(x, A, B, slots)`` in place, with gathered batched matmuls.
+@dataclass(frozen=True)
+class LoraPlan:
+    """Where each adapter token goes in the padded block: flat token index → (group, position)."""
 
-    ``x``: [b, t, in] (or [b, in]); ``y``: [b, t, out] (or [b, out]); returns ``y``.
+    tokens: torch.Tensor   # [n] indices into x.reshape(-1, in) of the tokens with an adapter
+    group: torch.Tensor    # [n] slot − lo
+    pos: torch.Tensor      # [n] position within the slot's group (token order)
+    lo: int
+    hi: int
+    width: int             # M: the largest group
+
+
+def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
+    """The grouping for ``slots`` [b] with ``tokens_per_row`` tokens per row; None when no row has an adapter."""
+    tok_slots = slots.repeat_interleave(tokens_per_row) if tokens_per_row > 1 else slots
+    tokens = torch.nonzero(tok_slots >= 0).flatten()
+    if tokens.numel() == 0:
+        return None
+    s = tok_slots.index_select(0, tokens)
+    lo, hi = int(s.min()), int(s.max())
+    group = s - lo
+    counts = torch.bincount(group, minlength=hi - lo + 1)
+    order = torch.argsort(group, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(group)
+    pos[order] = torch.arange(group.numel(), device=group.device) - starts[group[order]]
+    return LoraPlan(tokens, group, pos, lo, hi, int(counts.max()))
+
+
+def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+                     plan: LoraPlan | None | bool = True) -> torch.Tensor:
+    """``y += lora_delta_reference(x, A, B, slots)`` in place; returns ``y``.
+
+    ``x``: [b, t, in] or [b, in]; ``y``: [b, t, out] or [b, out], contiguous. ``plan``: a
+    precomputed :func:`plan_lora` for these ``slots`` (None: no row has an adapter), or True to build it here.
     """
-    squeeze = x.dim() == 2
-    if squeeze:
-        x, y3 = x.unsqueeze(1), y.unsqueeze(1)
-    else:
-        y3 = y
-    rows = torch.nonzero(slots >= 0).flatten()
-    if rows.numel() == 0:
+    if plan is True:
+        plan = plan_lora(slots, x.shape[1] if x.dim() == 3 else 1)
+    if plan is None:
         return y
-    if rows.numel() == slots.numel():  # every row has an adapter: no row gather / scatter needed
-        s = slots
-        xa = torch.bmm(x.to(A.dtype), A.index_select(0, s).transpose(1, 2))        # [b, t, R]
-        y3.add_(torch.bmm(xa, B.index_select(0, s).transpose(1, 2)).to(y.dtype))  # [b, t, out]
-        return y
-    s = slots.index_select(0, rows)
-    xa = torch.bmm(x.index_select(0, rows).to(A.dtype), A.index_select(0, s).transpose(1, 2))
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    block = x2.new_zeros((plan.hi - plan.lo + 1, plan.width, x2.shape[1]), dtype=A.dtype)
+    block[plan.group, plan.pos] = x2.index_select(0, plan.tokens).to(A.dtype)
+    hidden = torch.bmm(block, A[plan.lo: plan.hi + 1].transpose(1, 2))          # [G, M, R]
+    out = torch.bmm(hidden, B[plan.lo: plan.hi + 1].transpose(1, 2))            # [G, M, out]
     # index_put_ (not index_add_): index_add_ goes parallel even for a handful of rows, slow on a busy CPU.
-    y3.index_put_((rows,), torch.bmm(xa, B.index_select(0, s).transpose(1, 2)).to(y.dtype), accumulate=True)
+    y2.index_put_((plan.tokens,), out[plan.group, plan.pos].to(y.dtype), accumulate=True)
     return y

@@ -27,7 +27,7 @@ from torch import nn
 from deltatune.core.inject import install_branch, iter_logical_modules, iter_wrappers, remove_branch
 from deltatune.core.method import DeltaBranch
 from deltatune.serve.adapter_pool import AdapterPool
-from deltatune.serve.batched_lora import add_batched_lora
+from deltatune.serve.batched_lora import LoraPlan, add_batched_lora, plan_lora
 from deltatune.serve.kv_cache import SlotKVCache, attention_mask
 from deltatune.serve.sampling import SamplingParams, choose_tokens, held_back, make_generator, stop_hit
 from deltatune.serve.scheduler import Request, Scheduler
@@ -43,10 +43,28 @@ class RequestError(DeltatuneError, ValueError):
 
 
 class LoraContext:
-    """Row → adapter slot for the forward in progress (set by the engine, read by every branch)."""
+    """Row → adapter slot for the forward in progress (set by the engine, read by every branch).
 
-    slots: torch.Tensor | None = None
-    active: bool = False
+    Modules differ only in which slots' adapters touch them, so the token grouping
+    (:func:`plan_lora`) is built once per distinct pattern per forward and shared."""
+
+    def __init__(self):
+        self.slots: list[int] = []
+        self.active = False
+        self.tokens_per_row = 1
+        self.device: torch.device | str = "cpu"
+        self._plans: dict[tuple[int, ...], LoraPlan | None] = {}
+
+    def set(self, slots: list[int], tokens_per_row: int, device) -> None:
+        self.slots, self.tokens_per_row, self.device = slots, tokens_per_row, device
+        self.active = any(s >= 0 for s in slots)
+        self._plans = {}
+
+    def plan(self, has: list[bool]) -> LoraPlan | None:
+        key = tuple(s if s >= 0 and has[s] else -1 for s in self.slots)
+        if key not in self._plans:
+            self._plans[key] = plan_lora(torch.tensor(key, device=self.device), self.tokens_per_row)
+        return self._plans[key]
 
 
 class ServedLoraBranch(DeltaBranch):
@@ -59,9 +77,8 @@ class ServedLoraBranch(DeltaBranch):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if not self.ctx.active:
             return base_out
-        slots = self.ctx.slots
-        slots = torch.where((slots >= 0) & self.pool.has[self.module][slots.clamp(min=0)], slots, -1)
-        return add_batched_lora(base_out, x, self.pool.A[self.module], self.pool.B[self.module], slots)
+        plan = self.ctx.plan(self.pool.has_list[self.module])
+        return add_batched_lora(base_out, x, self.pool.A[self.module], self.pool.B[self.module], None, plan)
 
 
 @dataclass(frozen=True)
@@ -276,8 +293,7 @@ class Engine:
         start = torch.tensor([r.cached for r in reqs], device=device)
         n_new = torch.tensor([len(c) for c in chunks], device=device)
         positions = start[:, None] + torch.arange(t, device=device)[None, :]
-        self.ctx.slots = torch.tensor([r.lora_slot for r in reqs], device=device)
-        self.ctx.active = any(r.lora_slot >= 0 for r in reqs)
+        self.ctx.set([r.lora_slot for r in reqs], t, device)
         inner = self.model.model
         h = inner.embed_tokens(tokens)
         cos_sin = inner.rotary_emb(h, positions)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from deltatune.serve.batched_lora import add_batched_lora, lora_delta_reference
+from deltatune.serve.batched_lora import add_batched_lora, lora_delta_reference, plan_lora
 
 
 def _stack(ranks, n_in, n_out, max_rank, seed=0):
@@ -57,3 +57,14 @@ def test_same_adapter_for_every_row_equals_a_plain_lora_linear():
     y = add_batched_lora(torch.zeros(3, 5, 6), x, A, B, torch.zeros(3, dtype=torch.long))
     a, b = raw[0]
     assert torch.allclose(y, x @ a.T @ b.T, atol=1e-5)
+
+
+def test_a_shared_plan_gives_the_same_result_and_none_means_no_adapter():
+    A, B, _ = _stack([4, 2, 3], 6, 5, 4, seed=3)
+    x, base = torch.randn(5, 4, 6), torch.randn(5, 4, 5)
+    slots = torch.tensor([1, 1, -1, 2, 1])
+    plan = plan_lora(slots, 4)
+    assert (plan.lo, plan.hi, plan.width) == (1, 2, 12)  # slot 1 has 3 rows × 4 tokens
+    y = add_batched_lora(base.clone(), x, A, B, slots, plan)
+    assert torch.allclose(y, base + lora_delta_reference(x, A, B, slots), atol=1e-5)
+    assert plan_lora(torch.tensor([-1, -1]), 3) is None
