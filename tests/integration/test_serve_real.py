@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import deltatune
 from deltatune.generation import SamplingParams as GenerateParams
 from deltatune.generation import generate_text
 from deltatune.serve import Engine, SamplingParams
-from tests.helpers import randomize_delta
 
 pytestmark = pytest.mark.slow
 
@@ -15,33 +15,37 @@ MODEL = "smollm2-135m-instruct"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea.", "1, 2, 3, 4,"]
 ADAPTERS = ["qv", None, "all", "qv"]
 CHAT = [False, False, True, False]
+NEW = 12
 
 
 def test_mixed_adapter_batch_equals_generate_on_smollm2(tmp_path):
     adapters = tmp_path / "adapters"
-    for i, (name, r, targets) in enumerate([("qv", 8, ["q_proj", "v_proj"]), ("all", 16, "all-linear")]):
-        dm = deltatune.attach(deltatune.load_model(MODEL), deltatune.LoraConfig(r=r, alpha=2 * r, targets=targets))
-        randomize_delta(dm, std=0.02, seed=i)
-        dm.save_delta(adapters / name)
+    dm = deltatune.DeltaModel.of(deltatune.load_model(MODEL))
+    g = torch.Generator().manual_seed(0)
+    for name, r, targets in [("qv", 8, ["q_proj", "v_proj"]), ("all", 16, "all-linear")]:
+        dm.attach(deltatune.LoraConfig(r=r, alpha=2 * r, targets=targets), name=name)
+        with torch.no_grad():
+            for p in dm.delta_parameters(name).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        dm.save_delta(str(adapters / name), name)
     tokenizer = deltatune.load_tokenizer(MODEL)
-    expected = {}
-    for name in ("qv", "all", None):
-        model = deltatune.load_model(MODEL)
-        if name:
-            model = deltatune.load_delta(model, adapters / name)
-        for p, a, chat in zip(PROMPTS, ADAPTERS, CHAT):
-            if a == name:
-                expected[p] = generate_text(model, tokenizer, p, GenerateParams(max_new_tokens=16), chat=chat)
+    expected, base_text = [], None
+    for p, a, chat in zip(PROMPTS, ADAPTERS, CHAT):
+        if a is None:
+            with dm.disable():
+                expected.append(generate_text(dm, tokenizer, p, GenerateParams(max_new_tokens=NEW), chat=chat))
+        else:
+            dm.set_active(a)
+            expected.append(generate_text(dm, tokenizer, p, GenerateParams(max_new_tokens=NEW), chat=chat))
+    with dm.disable():
+        base_text = generate_text(dm, tokenizer, PROMPTS[0], GenerateParams(max_new_tokens=NEW))
+    assert base_text != expected[0]  # the adapters change SmolLM2's answers, so agreement below means something
+
     engine = Engine(deltatune.load_model(MODEL), adapters, tokenizer, max_batch=4, max_len=256, lora_slots=2, prefill_budget=16)
-    # The chat request goes in as a message list (the server's path); the others as plain prompts.
-    prompts = [[{"role": "user", "content": p}] if chat else p for p, chat in zip(PROMPTS, CHAT)]
-    plain = engine.generate([p for p, c in zip(prompts, CHAT) if not c], [a for a, c in zip(ADAPTERS, CHAT) if not c], SamplingParams(max_tokens=16))
-    chat = engine.generate([p for p, c in zip(prompts, CHAT) if c], [a for a, c in zip(ADAPTERS, CHAT) if c], SamplingParams(max_tokens=16), chat=True)
-    got = iter(plain)
-    got_chat = iter(chat)
-    texts = [next(got_chat).text if c else next(got).text for c in CHAT]
-    assert texts == [expected[p] for p in PROMPTS]
-    # The adapters change SmolLM2's answers (otherwise the comparison above would prove little).
-    base = engine.generate([PROMPTS[0], PROMPTS[0]], [None, "qv"], SamplingParams(max_tokens=16))
-    assert base[0].text != base[1].text
+    # The chat request goes in as a message list (the server's path), beside plain prompts, in one batch.
+    reqs = [engine.submit([{"role": "user", "content": p}] if chat else p, a, SamplingParams(max_tokens=NEW), chat=chat)
+            for p, a, chat in zip(PROMPTS, ADAPTERS, CHAT)]
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    assert [r.text for r in reqs] == expected
     engine.close()
