@@ -1,4 +1,5 @@
-"""Every example recipe in recipes/ and the built-in default job validate."""
+"""Every example recipe in recipes/ and the built-in default job validate, each with the loader
+of the command it is for (the file name's prefix: merge_*, select_*, anything else is training)."""
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,16 @@ RECIPES = sorted((Path(__file__).resolve().parents[3] / "recipes").glob("*.yaml"
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_example_recipe_validates(path):
-    recipe = load_recipe(path)
-    assert recipe.train.max_steps > 0
+    if path.name.startswith("merge_"):
+        from deltatune.algebra.recipe import load_merge_recipe
+
+        assert load_merge_recipe(path).inputs
+    elif path.name.startswith("select_"):
+        from deltatune.select.config import load_select_recipe
+
+        assert load_select_recipe(path).strategy_config()
+    else:
+        assert load_recipe(path).train.max_steps > 0
 
 
 def test_recipes_exist():
