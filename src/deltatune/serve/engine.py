@@ -158,7 +158,8 @@ class Engine:
         elif chat or isinstance(prompt, list):
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError("this model's tokenizer has no chat template; use /v1/completions with a plain prompt")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]

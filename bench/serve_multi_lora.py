@@ -1,0 +1,207 @@
+"""Multi-adapter serving throughput on SmolLM2-135M: deltatune's engine vs PEFT's mixed batch vs plain transformers.
+
+A batch of ``--batch`` requests (prompts of 32–64 tokens from a fixed text, ``--new`` new tokens,
+greedy, EOS ignored so every system generates the same number of tokens), request i using
+adapter i mod N (LoRA r=16 on every attention and MLP projection, random non-zero weights), for
+each N in ``--ns``. Reported: generated tokens/s of
+
+- ``hf_base``: ``model.generate`` on the base model, left-padded batch, no adapters;
+- ``peft``: PEFT's mixed-adapter batch, ``generate(..., adapter_names=[...])``;
+- ``engine``: ``deltatune.serve.Engine.generate`` (N = 0: no adapter on any request).
+
+Each timing is the best of ``--repeats`` runs after one warm-up (the engine's warm-up also
+loads the adapters). ``--load-test C,R`` additionally starts the HTTP server on 127.0.0.1 and
+sends R streaming requests from C concurrent clients over ``--load-adapters`` adapters
+(resident slots: 32), reporting errors, p50/p99 latency and tokens/s.
+
+    .venv/bin/python bench/serve_multi_lora.py --threads 2 --out /tmp/serve.json
+    .venv/bin/python bench/serve_multi_lora.py --batch 8 --new 8 --ns 1,8 --load-test 8,32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import deltatune  # noqa: E402
+from deltatune.serve import Engine, SamplingParams  # noqa: E402
+
+TEXT = ("The history of science is the study of the development of science and scientific knowledge, including both the natural "
+        "and social sciences. Science is a body of empirical, theoretical, and practical knowledge about the natural world, "
+        "produced by scientists who emphasize the observation, explanation, and prediction of real-world phenomena. ") * 4
+
+
+def make_adapters(model_name: str, root: Path, n: int, rank: int) -> list[str]:
+    """n LoRA adapters on all projections, random weights (a fresh attach per adapter on one model)."""
+    dm = deltatune.DeltaModel.of(deltatune.load_model(model_name))
+    names = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        name = f"a{i:03d}"
+        dm.attach(deltatune.LoraConfig(r=rank, alpha=2 * rank, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), name=name)
+        with torch.no_grad():
+            for p in dm.delta_parameters(name).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        dm.save_delta(str(root / name), name)
+        dm.detach(name)
+        names.append(name)
+    return names
+
+
+def make_prompts(tokenizer, batch: int) -> list[list[int]]:
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    prompts = []
+    for _ in range(batch):
+        n = rng.randint(32, 64)
+        start = rng.randint(0, len(ids) - n)
+        prompts.append(ids[start: start + n])
+    return prompts
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def hf_generate(model, tokenizer, prompts, new, adapter_names=None):
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=pad, **kwargs)
+    assert out.shape[1] == width + new
+
+
+def load_test(engine: Engine, names: list[str], clients: int, requests: int, new: int) -> dict:
+    import uvicorn
+
+    from deltatune.serve.api import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+
+    def one(i: int):
+        body = {"model": names[i % len(names)], "prompt": TEXT[: 200 + i % 50], "max_tokens": new, "temperature": 0, "stream": True}
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        t = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                for line in r:
+                    if line.startswith(b'data: {"error"'):
+                        return time.perf_counter() - t, line.decode().strip()
+                    if line.startswith(b"data: [DONE]"):
+                        return time.perf_counter() - t, None
+        except Exception as err:  # counted, not raised: the report says how many failed
+            return time.perf_counter() - t, repr(err)
+        return time.perf_counter() - t, "stream ended without [DONE]"
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        results = list(ex.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    server.should_exit = True
+    thread.join(timeout=30)
+    lat = sorted(r[0] for r in results)
+    errors = [r[1] for r in results if r[1]]
+    m = engine.metrics()
+    return {"clients": clients, "requests": requests, "adapters": len(names), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))], "wall_s": wall,
+            "generated_tokens_per_s": m["generated_tokens"] / wall, "adapter_loads": m["adapter_loads"], "adapter_evictions": m["adapter_evictions"],
+            "resident_adapters": m["resident_adapters"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--ns", default="1,8,32")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--load-test", help="C,R: C concurrent streaming clients sending R requests in all")
+    ap.add_argument("--load-adapters", type=int, default=64)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ns = [int(n) for n in args.ns.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    need = max(ns + ([args.load_adapters] if args.load_test else []))
+    names = make_adapters(args.model, root, need, args.rank)
+    tokenizer = deltatune.load_tokenizer(args.model)
+    prompts = make_prompts(tokenizer, args.batch)
+    tokens = args.batch * args.new
+    results: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "torch_threads": torch.get_num_threads(), "tokens_per_s": {}}
+    tps = results["tokens_per_s"]
+
+    def record(key, seconds):
+        tps[key] = round(tokens / seconds, 1)
+        print(f"{key:>16}: {tps[key]:8.1f} tokens/s", flush=True)
+
+    base = deltatune.load_model(args.model).eval()
+    record("hf_base", best_of(lambda: hf_generate(base, tokenizer, prompts, args.new), args.repeats))
+
+    engine = Engine(deltatune.load_model(args.model), root, tokenizer, max_batch=args.batch, max_len=64 + args.new + 8,
+                    lora_slots=max(32, max(ns)), max_lora_rank=args.rank, prefill_budget=4096)
+    greedy = SamplingParams(max_tokens=args.new, ignore_eos=True)
+    record("engine_N0", best_of(lambda: engine.generate(prompts, [None] * args.batch, greedy), args.repeats))
+    for n in ns:
+        ads = [names[i % n] for i in range(args.batch)]
+        record(f"engine_N{n}", best_of(lambda ads=ads: engine.generate(prompts, ads, greedy), args.repeats))
+
+    if not args.skip_peft:
+        from peft import PeftModel
+
+        peft = PeftModel.from_pretrained(deltatune.load_model(args.model), str(root / names[0]), adapter_name=names[0])
+        for name in names[1: max(ns)]:
+            peft.load_adapter(str(root / name), adapter_name=name)
+        peft.eval()
+        for n in ns:
+            ads = [names[i % n] for i in range(args.batch)]
+            record(f"peft_N{n}", best_of(lambda ads=ads: hf_generate(peft, tokenizer, prompts, args.new, ads), args.repeats))
+
+    if args.load_test:
+        clients, requests = (int(x) for x in args.load_test.split(","))
+        engine.close()
+        served = Engine(deltatune.load_model(args.model), root, tokenizer, max_batch=min(clients, 32), max_len=256, lora_slots=32, max_lora_rank=args.rank)
+        results["load_test"] = load_test(served, names[: args.load_adapters], clients, requests, args.new)
+        print(json.dumps(results["load_test"], indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
