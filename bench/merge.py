@@ -5,7 +5,8 @@
 The three "fine-tunes" are the base plus seeded Gaussian perturbations (σ = 1e-3 × the tensor's
 std, a different seed each), saved as HF directories once and reused. Each merge runs in its own
 process (mergekit with .venv-peers/bin/python, whose transformers 4.x clashes with ours), measured
-by a wrapper that reports the child's wall time and peak RSS (ru_maxrss). Then prints both, and
+by a wrapper that reports the child's wall time, CPU time (user + system: steadier than wall time
+on a shared machine) and peak RSS (ru_maxrss). Then prints both, and
 the max |difference| of the merged weights and of the logits on a fixed prompt.
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 MEASURE = (
     "import json, resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
-    "print(json.dumps({'rc': r.returncode, 'seconds': time.perf_counter() - t, "
-    "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print(json.dumps({'rc': r.returncode, 'seconds': time.perf_counter() - t, 'cpu_seconds': u.ru_utime + u.ru_stime, "
+    "'peak_rss_mb': u.ru_maxrss / 1024}))"
 )
 
 
@@ -114,10 +116,12 @@ def main() -> None:
     results["compare"] = compare(work / "out-deltatune", work / "out-mergekit", base)
     d, m = results["deltatune"], results["mergekit"]
     print(f"TIES merge of 3 x SmolLM2-135M (fp32, density {args.density}), {env_threads}")
-    print(f"{'':10s} {'time':>8s} {'peak RSS':>10s}")
+    print(f"{'':10s} {'wall':>8s} {'CPU':>8s} {'peak RSS':>10s}")
     for name in ("deltatune", "mergekit"):
-        print(f"{name:10s} {results[name]['seconds']:7.1f}s {results[name]['peak_rss_mb']:8.0f} MB")
-    print(f"deltatune / mergekit: time {d['seconds'] / m['seconds']:.2f}x, peak RSS {d['peak_rss_mb'] / m['peak_rss_mb']:.2f}x")
+        r = results[name]
+        print(f"{name:10s} {r['seconds']:7.1f}s {r['cpu_seconds']:7.1f}s {r['peak_rss_mb']:8.0f} MB")
+    print(f"deltatune / mergekit: wall {d['seconds'] / m['seconds']:.2f}x, CPU {d['cpu_seconds'] / m['cpu_seconds']:.2f}x, "
+          f"peak RSS {d['peak_rss_mb'] / m['peak_rss_mb']:.2f}x")
     c = results["compare"]
     print(f"max |weight diff| {c['max_abs_weight_diff']:.3g}, max |logit diff| {c['max_abs_logit_diff']:.3g} "
           f"(the merge moves logits by up to {c['logit_change_vs_base']:.3g} from the base)")

@@ -85,16 +85,23 @@ def get_op(name: str) -> OpSpec:
 # --- sparsification -------------------------------------------------------------------------------
 
 def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the ``int(density · numel)`` entries of largest |tensor| (ties: argsort order).
+    """Boolean mask of the ``int(density · numel)`` entries of largest |tensor| (at least one).
 
-    Plain equivalent: ``m = zeros(n); m[argsort(|t|, descending)[:k]] = 1``. At least one entry is kept.
+    Plain equivalent: ``m = zeros(n); m[argsort(|t|, descending)[:k]] = 1``. Selecting the k-th
+    largest magnitude (``kthvalue``, linear time) and keeping what is at least as large picks the
+    same set unless magnitudes tie at the threshold; only then is the full argsort run, so that ties
+    are broken exactly as mergekit breaks them.
     """
     if density >= 1:
         return torch.ones_like(tensor, dtype=torch.bool)
-    k = max(1, int(density * tensor.numel()))
-    mask = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
-    # argsort (not topk) so that equal magnitudes are broken exactly as mergekit breaks them.
-    mask[torch.argsort(tensor.abs().reshape(-1).float(), descending=True)[:k]] = True
+    n = tensor.numel()
+    k = max(1, int(density * n))
+    magnitude = tensor.abs().reshape(-1).float()
+    threshold = magnitude.kthvalue(n - k + 1).values
+    mask = magnitude >= threshold
+    if int(mask.sum()) != k:
+        mask = torch.zeros(n, dtype=torch.bool, device=tensor.device)
+        mask[torch.argsort(magnitude, descending=True)[:k]] = True
     return mask.view_as(tensor)
 
 
@@ -123,24 +130,48 @@ def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
 
 
 def generalized_task_arithmetic(base: torch.Tensor | None, tasks: list[torch.Tensor], p: OpParams) -> torch.Tensor:
-    """The op behind ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties`` (see the module docstring)."""
-    if p.sparsify is not None:
-        densities = p.densities or (1.0,) * len(tasks)
-        tasks = [sparsify(t, d, p.sparsify, p.rescale, p.generator) for t, d in zip(tasks, densities)]
-    stacked = torch.stack([t.float() for t in tasks])
-    w = torch.tensor(p.weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
-    weighted = stacked * w
+    """The op behind ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties`` (see the module docstring).
+
+    Same arithmetic as stacking the K task vectors into [K, *shape] and reducing over dim 0, but
+    accumulated input by input, so the working set is the K inputs plus three tensors of one shape.
+    """
+    densities = p.densities or (1.0,) * len(tasks)
+    weighted = []
+    for task, w, d in zip(tasks, p.weights, densities):
+        t = task.float()
+        if p.sparsify is not None:
+            t = sparsify(t, d, p.sparsify, p.rescale, p.generator)
+        weighted.append(t * w if t is task else t.mul_(w))  # never write into the caller's tensors
     if p.consensus is not None:
-        mask = consensus_mask(weighted, p.consensus)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        if p.consensus == "sum":
+            total = _ordered_sum(weighted)
+        else:
+            total = _ordered_sum([u.sign() for u in weighted])
+        elected = (total >= 0).to(total.dtype).mul_(2).sub_(1)
+        del total
+        mixed = torch.zeros_like(elected)
+        divisor = torch.zeros_like(elected)
+        for u, w in zip(weighted, p.weights):
+            agree = u.sign() == elected
+            mixed.add_(u * agree)
+            divisor.add_(agree * w)
         divisor[divisor == 0] = 1
     else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed).clone()
+        mixed = _ordered_sum(weighted)
+        divisor = torch.tensor(p.weights, dtype=torch.float32).sum()
+        divisor = divisor if divisor.abs() >= 1e-8 else torch.ones(())
+    del weighted
     if p.normalize:
-        mixed = mixed / divisor
-    return mixed * p.lambda_ if p.lambda_ != 1 else mixed
+        mixed = mixed.div_(divisor)
+    return mixed.mul_(p.lambda_) if p.lambda_ != 1 else mixed
+
+
+def _ordered_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """t_0 + t_1 + … in order (the order ``stack(...).sum(0)`` adds in, so results match bit for bit)."""
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out.add_(t)
+    return out
 
 
 register_op("task_arithmetic", generalized_task_arithmetic, normalize=False)

@@ -80,3 +80,12 @@ def test_lines_factors():
     assert lines_factor("encoder.layer.1.output.dense.weight", 3, 0.0, 1.0) == pytest.approx(0.5)
     assert lines_factor("model.embed_tokens.weight", 4, 0.2, 0.8) == pytest.approx(0.2)
     assert lines_factor("lm_head.weight", 4, 0.2, 0.8) == pytest.approx(1.0)
+
+
+def test_magnitude_mask_equals_argsort_selection_with_and_without_ties():
+    for t in (torch.randn(1000, generator=torch.Generator().manual_seed(3)), torch.tensor([1.0, -1.0, 1.0, 0.5, 2.0, -1.0])):
+        for density in (0.1, 0.5, 0.34):
+            k = max(1, int(density * t.numel()))
+            want = torch.zeros(t.numel(), dtype=torch.bool)
+            want[torch.argsort(t.abs(), descending=True)[:k]] = True
+            assert torch.equal(magnitude_mask(t, density), want)
