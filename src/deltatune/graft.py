@@ -19,7 +19,7 @@ from torch import nn
 
 from deltatune.core.delta_model import DeltaModel
 from deltatune.core.inject import iter_wrappers
-from deltatune.methods.sparse_core import top_indices
+from deltatune.algebra.sparse import top_k_indices
 from deltatune.utils.errors import ConfigError, ShapeMismatchError
 
 
@@ -43,7 +43,7 @@ def graft(base: nn.Module, finetuned: nn.Module, density: float, targets: str | 
                     raise ShapeMismatchError(f"graft: {key!r} is {list(ft[key].shape)} in the fine-tuned model but {list(w0.shape)} in the base")
                 diff = (ft[key].detach().to(w0.device, torch.float32) - w0.float()).reshape(-1)
                 branch = wrapper.deltas[name]
-                branch.set_support(top_indices(diff.abs(), branch.sparse_values.numel()))
+                branch.set_support(top_k_indices(diff.abs(), branch.sparse_values.numel()))
                 branch.sparse_values.copy_(diff[branch.sparse_indices.long()].to(branch.sparse_values.dtype))
     except BaseException:
         model.detach(name)

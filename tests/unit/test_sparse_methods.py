@@ -7,7 +7,8 @@ from transformers import LlamaForCausalLM
 
 import deltatune
 from deltatune.core.inject import iter_wrappers
-from deltatune.methods.sparse_core import add_sparse, budget, scatter_dense, top_indices
+from deltatune.algebra.sparse import add_sparse, to_dense, top_k_indices
+from deltatune.methods.sparse_core import budget
 from deltatune.utils.errors import ConfigError, ShapeMismatchError
 from tests.helpers import tiny_llama_config
 
@@ -53,7 +54,7 @@ def test_lt_sft_selects_top_k_of_dense_phase_then_trains_only_those(tmp_path):
     for m, w in wrappers.items():
         branch = w.deltas["default"]
         k = budget(dense_before[m].numel(), 0.05)
-        assert torch.equal(branch.sparse_indices.long(), top_indices(dense_before[m].abs(), k))
+        assert torch.equal(branch.sparse_indices.long(), top_k_indices(dense_before[m].abs(), k))
         assert not branch.sparse_values.any() and branch.dense_delta.numel() == 0
     with model.disable():
         ref = model(input_ids=IDS).logits
@@ -105,11 +106,11 @@ def test_two_sparse_deltas_compose_to_the_dense_sum():
     with torch.no_grad():
         for m, w in wrappers.items():
             a, b = w.deltas["domain"], w.deltas["task"]
-            dense = scatter_dense(a.sparse_indices, a.sparse_values, a.shape) + scatter_dense(b.sparse_indices, b.sparse_values, b.shape)
+            dense = to_dense(a.sparse_indices, a.sparse_values, a.shape) + to_dense(b.sparse_indices, b.sparse_values, b.shape)
             ref_model.get_parameter(m + ".weight").copy_(w0[m + ".weight"] + dense)
             # add_sparse gives the same sum as one sparse delta on the union of the supports
-            idx, vals = add_sparse((a.sparse_indices, a.sparse_values), (b.sparse_indices, b.sparse_values))
-            assert torch.equal(scatter_dense(idx, vals, a.shape), dense)
+            (idx, vals, shape), = add_sparse([{m: (a.sparse_indices, a.sparse_values, a.shape)}, {m: (b.sparse_indices, b.sparse_values, b.shape)}]).values()
+            assert torch.equal(to_dense(idx, vals, shape), dense)
             assert idx.numel() <= a.sparse_indices.numel() + b.sparse_indices.numel()
     assert (ref_model(input_ids=IDS).logits - out).abs().max() < 1e-5
 
@@ -157,7 +158,7 @@ def test_dsee_is_low_rank_plus_sparse_on_largest_weights():
     randomize(model, "default", 3)
     branch = dict(iter_wrappers(base))["model.layers.1.self_attn.o_proj"].deltas["default"]
     assert set(branch.sparse_indices.tolist()) == set(torch.topk(w.abs().reshape(-1), budget(w.numel(), 0.05)).indices.tolist())
-    expected = 2.0 * branch.lora_B.weight @ branch.lora_A.weight + scatter_dense(branch.sparse_indices, branch.sparse_values, branch.shape)
+    expected = 2.0 * branch.lora_B.weight @ branch.lora_A.weight + to_dense(branch.sparse_indices, branch.sparse_values, branch.shape)
     assert torch.allclose(branch.delta_weight(None), expected)
     x = torch.randn(3, 32)
     assert torch.allclose(branch(x, torch.zeros(3, 32)), x @ expected.T, atol=1e-6)
@@ -213,3 +214,67 @@ def test_sparse_file_at_one_percent_is_small(tmp_path):
     dense_bytes = sum(w.base_layer.weight.numel() * 4 for _, w in iter_wrappers(base))
     size = (tmp_path / "s" / "adapter_model.safetensors").stat().st_size
     assert size <= 0.03 * dense_bytes, (size, dense_bytes)
+
+
+def test_top_k_indices_is_the_merge_engines_magnitude_selection():
+    from deltatune.algebra.ops import magnitude_mask
+
+    t = torch.randn(37, 23, generator=torch.Generator().manual_seed(3))
+    for density in (0.01, 0.05, 0.3, 1.0):
+        k = budget(t.numel(), density)
+        assert torch.equal(top_k_indices(t, k), magnitude_mask(t, density).reshape(-1).nonzero().squeeze(1))
+    ties = torch.tensor([[1.0, -2.0, 2.0, 0.5], [2.0, 0.1, -1.0, 2.0]])  # four entries tie at |2|, k = 3
+    assert torch.equal(top_k_indices(ties, 3), torch.argsort(ties.abs().reshape(-1), descending=True)[:3].sort().values)
+
+
+def test_lt_sft_deltas_are_merge_inputs_and_add_as_sparse_deltas(tmp_path):
+    """A domain and a task delta trained with lt_sft: merged by the merge engine (as delta directories,
+    or added with add_sparse and written as one sparse delta) they equal the two attached together."""
+    from deltatune.algebra.merge import run_merge
+    from deltatune.algebra.recipe import parse_recipe
+    from deltatune.algebra.sparse import read_sparse, write_sparse
+    from deltatune.methods.sparse_core import sparse_delta
+    from tests.helpers import save_tiny_lm
+
+    base_dir = save_tiny_lm(tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    w0 = base_weights(base)
+    ids = IDS % base.config.vocab_size
+
+    def train(model, data, steps):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(steps):
+            model(input_ids=data, labels=data).loss.backward()
+            opt.step()
+            model.on_train_step(step + 1)
+            opt.zero_grad(set_to_none=True)
+
+    model = deltatune.attach(base, {"method": "lt_sft", "density": 0.1, "dense_steps": 2}, name="domain")
+    train(model, ids.flip(1), 4)
+    domain_support = {m: w.deltas["domain"].sparse_indices.clone() for m, w in iter_wrappers(base)}
+    model.attach({"method": "lt_sft", "density": 0.05, "dense_steps": 2}, name="task")
+    model.set_active(["domain", "task"])  # the task delta trains on top of the domain delta, as in LT-SFT
+    train(model, ids, 4)
+    assert all(torch.equal(w.deltas["domain"].sparse_indices, domain_support[m]) for m, w in iter_wrappers(base))
+    both = model(input_ids=ids).logits
+    model.save_delta(tmp_path / "domain", name="domain")
+    model.save_delta(tmp_path / "task", name="task")
+    summed = add_sparse([sparse_delta(model, "domain"), sparse_delta(model, "task")])
+    write_sparse(tmp_path / "sum", summed, str(base_dir))
+
+    def merge(inputs, out):
+        run_merge(parse_recipe({"base": str(base_dir), "inputs": [{"path": str(p), "weight": 1.0} for p in inputs],
+                                "method": "task_arithmetic", "output": {"path": str(out)}}), log=lambda *a: None)
+        return LlamaForCausalLM.from_pretrained(out).eval()
+
+    by_dirs = merge([tmp_path / "domain", tmp_path / "task"], tmp_path / "m1")
+    by_sum = merge([tmp_path / "sum"], tmp_path / "m2")
+    assert set(read_sparse(tmp_path / "sum")) == {m + ".weight" for m, _ in iter_wrappers(base)}
+    for merged in (by_dirs, by_sum):
+        weights = dict(merged.named_parameters())
+        for name, w in w0.items():
+            want = w + to_dense(*summed[name]) if name in summed else w
+            assert torch.allclose(weights[name], want, atol=1e-6), name
+        assert (merged(input_ids=ids).logits - both).abs().max() < 1e-4
+    # the supports overlap or not, but the sum never holds more entries than the two deltas
+    assert all(summed[n][0].numel() <= sparse_delta(model, "domain")[n][0].numel() + sparse_delta(model, "task")[n][0].numel() for n in summed)

@@ -38,8 +38,24 @@ def to_sparse(tensor: torch.Tensor, density: float | None = None) -> tuple[torch
     return idx, flat[idx].float()
 
 
+def top_k_indices(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat positions (ascending) of the ``k`` entries of largest |tensor|: ``magnitude_mask``'s selection by count.
+
+    Plain equivalent: ``argsort(|t|, descending)[:k].sort()``. The k-th largest magnitude
+    (``kthvalue``, linear time) picks the same set unless magnitudes tie at the threshold; only then
+    is the full argsort run, so ties break as in :func:`~deltatune.algebra.ops.magnitude_mask`.
+    """
+    magnitude = tensor.detach().abs().reshape(-1).float()
+    n = magnitude.numel()
+    if k >= n:
+        return torch.arange(n, device=tensor.device)
+    idx = (magnitude >= magnitude.kthvalue(n - k + 1).values).nonzero().squeeze(1)
+    return idx if idx.numel() == k else torch.argsort(magnitude, descending=True)[:k].sort().values
+
+
 def to_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    out = torch.zeros(int(torch.tensor(shape).prod()) if shape else 1)
+    """fp32 ``zeros(shape).view(-1).index_add_(0, indices, values)``, on the values' device (differentiable in ``values``)."""
+    out = torch.zeros(int(torch.tensor(shape).prod()) if shape else 1, device=values.device)
     return out.index_add_(0, indices.long(), values.float()).view(shape)
 
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from deltatune.core.method import Capabilities, DeltaMethod
 from deltatune.core.registry import register
-from deltatune.methods.sparse_core import SPARSE_KEYS, SparseBranch, SparseDeltaConfig, budget, top_indices
+from deltatune.algebra.sparse import top_k_indices
+from deltatune.methods.sparse_core import SPARSE_KEYS, SparseBranch, SparseDeltaConfig, budget
 
 
 class DseeConfig(SparseDeltaConfig):
@@ -28,7 +29,7 @@ class DseeConfig(SparseDeltaConfig):
 
 class DseeBranch(SparseBranch):
     def __init__(self, module_name: str, weight: torch.Tensor, config: DseeConfig):
-        super().__init__(module_name, weight, top_indices(weight.detach().abs(), budget(weight.numel(), config.density)))
+        super().__init__(module_name, weight, top_k_indices(weight.detach().abs(), budget(weight.numel(), config.density)))
         self.scale = config.alpha / config.r
         self.lora_A = nn.Linear(weight.shape[1], config.r, bias=False, dtype=weight.dtype, device=weight.device)
         self.lora_B = nn.Linear(config.r, weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)

@@ -13,7 +13,8 @@ from torch import nn
 
 from deltatune.core.method import Capabilities, DeltaMethod
 from deltatune.core.registry import register
-from deltatune.methods.sparse_core import SPARSE_KEYS, SparseBranch, SparseDeltaConfig, budget, top_indices
+from deltatune.algebra.sparse import top_k_indices
+from deltatune.methods.sparse_core import SPARSE_KEYS, SparseBranch, SparseDeltaConfig, budget
 from deltatune.utils.errors import TargetError
 
 
@@ -26,7 +27,7 @@ def principal_support(weight: torch.Tensor, rank: int, k: int) -> torch.Tensor:
     """Top-k positions of |W_r| (W_r: the rank-r truncated SVD of W)."""
     u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
     low = (u[:, :rank] * s[:rank]) @ vh[:rank]
-    return top_indices(low.abs(), k)
+    return top_k_indices(low.abs(), k)
 
 
 @register

@@ -21,7 +21,8 @@ from torch import nn
 
 from deltatune.core.method import Capabilities, DeltaMethod
 from deltatune.core.registry import register
-from deltatune.methods.sparse_core import SPARSE_KEYS, SparseBranch, SparseDeltaConfig, budget, top_indices
+from deltatune.algebra.sparse import top_k_indices
+from deltatune.methods.sparse_core import SPARSE_KEYS, SparseBranch, SparseDeltaConfig, budget
 from deltatune.utils.errors import DeltatuneError
 
 
@@ -61,7 +62,7 @@ class LtSftBranch(SparseBranch):
     @torch.no_grad()
     def select(self) -> None:
         """End of phase 1: support = top-k of |ΔW|, everything reset to θ₀, the dense ΔW released."""
-        self.set_support(top_indices(self.dense_delta.abs(), self.sparse_values.numel()))
+        self.set_support(top_k_indices(self.dense_delta.abs(), self.sparse_values.numel()))
         self.dense_delta.requires_grad_(False)
         self.dense_delta.grad = None
         self.dense_delta.data = torch.empty(0, dtype=self.dense_delta.dtype, device=self.dense_delta.device)
@@ -85,4 +86,5 @@ class LtSftMethod(DeltaMethod):
     def on_train_step(self, branches, config: LtSftConfig, step: int) -> None:
         if config.dense_steps and step == config.dense_steps:
             for branch in branches.values():
-                branch.select()
+                if branch.dense_phase:  # a finished delta kept active while another trains (step counts restart) is left alone
+                    branch.select()

@@ -11,8 +11,12 @@ the values (not in the config), as ComPEFT stores its packed ``keep`` mask besid
 the shared magnitude selection is :func:`deltatune.algebra.ops.magnitude_mask`'s ordering. At
 1% density a matrix costs 8 bytes per kept entry (int32 + fp32): 2% of the dense fp32 bytes.
 
-Two sparse deltas compose by addition (:func:`add_sparse`): attached together they give
-W + ΔW₁ + ΔW₂, and their sum is again a sparse delta on the union of the supports.
+One representation serves training and the delta algebra: the selection (``top_k_indices``),
+the dense view (``to_dense``) and the sum (``add_sparse``) are those of
+:mod:`deltatune.algebra.sparse`, which a merge reads and writes. Two sparse deltas compose by
+addition: attached together they give W + ΔW₁ + ΔW₂; :func:`sparse_delta` turns attached
+branches into the algebra's ``{tensor: (indices, values, shape)}``, whose ``add_sparse`` is again a
+sparse delta on the union of the supports, and a saved delta directory is a merge input as it is.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from deltatune.algebra.sparse import Sparse, to_dense
 from deltatune.core.config import DeltaConfig
 from deltatune.core.method import DeltaBranch
 from deltatune.utils.errors import ShapeMismatchError
@@ -36,24 +41,6 @@ class SparseDeltaConfig(DeltaConfig):
 
 def budget(numel: int, density: float) -> int:
     return max(1, min(numel, int(density * numel)))
-
-
-def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat positions of the ``k`` largest entries of ``score``, ascending (argsort order, as magnitude_mask)."""
-    return torch.argsort(score.reshape(-1).float(), descending=True)[:k].sort().values
-
-
-def scatter_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """[k] indices + [k] values → the dense [out, in] ΔW (differentiable in ``values``)."""
-    return values.new_zeros(shape[0] * shape[1]).scatter(0, indices.long(), values).view(shape)
-
-
-def add_sparse(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices, values) of ΔW_a + ΔW_b on the union of the two supports (shared entries are summed)."""
-    idx = torch.cat([a[0].long(), b[0].long()])
-    vals = torch.cat([a[1], b[1].to(a[1].dtype)])
-    union, inverse = torch.unique(idx, return_inverse=True)
-    return union.to(a[0].dtype), vals.new_zeros(union.numel()).index_add(0, inverse, vals)
 
 
 class SparseBranch(DeltaBranch):
@@ -83,7 +70,8 @@ class SparseBranch(DeltaBranch):
 
     def sparse_weight(self) -> torch.Tensor:
         self.check_indices()
-        return scatter_dense(self.sparse_indices, self.sparse_values, self.shape)
+        # fp32 accumulation then the values' dtype: each position is written once, so the cast is exact.
+        return to_dense(self.sparse_indices, self.sparse_values, self.shape).to(self.sparse_values.dtype)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         return base_out + F.linear(x, self.sparse_weight().to(x.dtype))
@@ -96,3 +84,22 @@ class SparseBranch(DeltaBranch):
         """Move the support to ``indices`` (same count) and reset the values to 0 (θ = θ₀ there)."""
         self.sparse_indices.copy_(indices.to(self.sparse_indices.dtype))
         self.sparse_values.zero_()
+
+
+def sparse_delta(model: nn.Module, name: str = "default") -> Sparse:
+    """The sparse branches of delta ``name`` in ``model`` as ``{"<module>.weight": (indices, values, shape)}``.
+
+    Keys are the logical module names (those of the unwrapped model, i.e. of its checkpoint), so the
+    result feeds :func:`deltatune.algebra.sparse.add_sparse` and ``write_sparse`` (a merge input).
+    """
+    from deltatune.core.inject import iter_wrappers
+
+    out: Sparse = {}
+    for module_name, wrapper in iter_wrappers(getattr(model, "base_model", model)):
+        branch = wrapper.deltas[name] if name in wrapper.deltas else None
+        if isinstance(branch, SparseBranch):
+            branch.check_indices()
+            out[f"{module_name}.weight"] = (branch.sparse_indices.detach().long().cpu(), branch.sparse_values.detach().float().cpu(), branch.shape)
+    if not out:
+        raise ShapeMismatchError(f"sparse_delta: the model has no sparse branches of a delta named {name!r}")
+    return out
