@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -55,6 +55,8 @@ class EmbeddingSection(StrictConfig):
     max_length: int = Field(128, ge=2)
     cache_dir: str | None = None  # default: $DELTATUNE_CACHE/embeddings or ~/.cache/deltatune/embeddings
     threads: int | None = Field(None, gt=0)
+    # bfloat16: about 2x faster on CPUs with AVX512-BF16/AMX; cosines move by ~1e-2 (part of the cache key).
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class ScoringModelSection(StrictConfig):

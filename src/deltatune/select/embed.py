@@ -10,7 +10,7 @@ The default encoder is MiniLM-L6 (``deltatune.load_model("minilm-l6", task="enco
 sentence-transformers all-MiniLM-L6-v2 weights, which are trained for exactly this pooling).
 
 Cache: ``<cache_dir>/<key>.safetensors`` where ``key`` hashes the encoder (name, resolved
-source, its config and weight files' sizes and mtimes), ``max_length``, the pooling, and the
+source, its config and weight files' sizes and mtimes), ``max_length``, ``dtype``, the pooling, and the
 content of the file as read (sha256 over the texts). A second run on the same file and
 encoder reads the tensor back instead of running the encoder; any edit to the file or the
 model gives a new key. Writes are atomic, so an interrupted run leaves no partial entry.
@@ -70,7 +70,7 @@ class TextEmbedder:
         self._tokenizer = None
 
     def cache_path(self, texts: list[str]) -> Path:
-        key = hashlib.sha256(f"{model_fingerprint(self.config.model)}|{self.config.max_length}|{POOLING}|{texts_sha256(texts)}".encode()).hexdigest()
+        key = hashlib.sha256(f"{model_fingerprint(self.config.model)}|{self.config.max_length}|{self.config.dtype}|{POOLING}|{texts_sha256(texts)}".encode()).hexdigest()
         return self.cache_dir / f"{key[:32]}.safetensors"
 
     def embed(self, texts: list[str], desc: str = "embed") -> torch.Tensor:
@@ -89,7 +89,7 @@ class TextEmbedder:
         if self._model is None:
             import deltatune
 
-            self._model = deltatune.load_model(self.config.model, task="encoder")
+            self._model = deltatune.load_model(self.config.model, task="encoder", dtype=getattr(torch, self.config.dtype))
             self._tokenizer = deltatune.load_tokenizer(self.config.model)
 
     @torch.inference_mode()
