@@ -314,11 +314,10 @@ class Engine:
         return choose_tokens(logits, [r.sampling for r in picked], [r.generator for r in picked])
 
     def _accept(self, reqs: list[Request], tokens: list[int]) -> None:
-        now = time.time()
+        self.stats["generated_tokens"] += len(tokens)
+        self._recent.append((time.time(), len(tokens)))
         for r, tok in zip(reqs, tokens):
             s = r.sampling
-            self.stats["generated_tokens"] += 1
-            self._recent.append((now, 1))
             if tok in self.eos_ids and not s.ignore_eos:
                 r.finish_reason = "stop"
             else:

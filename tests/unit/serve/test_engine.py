@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import deltatune
 from deltatune.generation import SamplingParams as GenerateParams
@@ -109,5 +108,22 @@ def test_engine_without_adapters_dir_does_not_wrap(served):
     assert eng.generate(["one two"], sampling=SamplingParams(max_tokens=6))[0].text == expected
     with pytest.raises(AdapterNotFoundError):
         eng.submit("one", "qv4")
-    with torch.no_grad():
-        pass
+
+
+def test_cancelled_requests_free_their_slots(engine):
+    running = engine.submit("one two three four", "all8", SamplingParams(max_tokens=20))
+    while running.kv_slot is None:  # the adapter loads in the background first
+        engine.step()
+    assert running.kv_slot is not None and engine.pool.refs[running.lora_slot] == 1
+    slot = running.lora_slot
+    waiting = [engine.submit("dog", None, SamplingParams(max_tokens=20)) for _ in range(3)]  # 2 KV slots left: the last one queues
+    engine.step()
+    assert engine.metrics()["queue_length"] == 1
+    engine.cancel(running)
+    engine.cancel(waiting[-1])
+    engine.step()
+    assert running.finish_reason == waiting[-1].finish_reason == "cancelled" and running.done.is_set()
+    assert engine.pool.refs[slot] == 0 and engine.metrics()["queue_length"] == 0
+    while not all(r.done.is_set() for r in waiting[:2]):
+        engine.step()
+    assert engine.metrics()["kv_slots_free"] == 3
