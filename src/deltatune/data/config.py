@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from deltatune.core.config import StrictConfig
 from deltatune.utils.errors import did_you_mean
@@ -17,6 +17,17 @@ Template = Literal["auto", "chat", "alpaca", "plain"]
 
 # Canonical field names each format reads; ``columns`` maps them onto a file's own names.
 CANONICAL_FIELDS = ("text", "text_pair", "label", "instruction", "input", "output", "prompt", "response", "system", "messages")
+
+
+class AugmentConfig(StrictConfig):
+    """EDA augmentation of the training records (deltatune.select.augment): ``copies`` augmented
+    versions of each record's text field, operations taken in turn, from one seeded RNG."""
+
+    ops: list[Literal["synonym", "insert", "swap", "delete"]] = ["synonym", "insert", "swap", "delete"]
+    alpha: float = Field(0.1, gt=0, le=0.5)
+    copies: int = Field(2, ge=1)
+    field: str = "text"  # canonical field (data.columns maps it to the file's column)
+    seed: int = 0
 
 
 class DataConfig(StrictConfig):
@@ -63,6 +74,7 @@ class DataConfig(StrictConfig):
     max_examples: int | None = None
     max_eval_examples: int | None = None
     shuffle: bool = True
+    augment: AugmentConfig | None = None  # training records only; evaluation data is never augmented
 
     @field_validator("columns")
     @classmethod

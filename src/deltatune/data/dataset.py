@@ -123,6 +123,10 @@ def build_datasets(config: DataConfig, tokenizer: Any, seed: int = 0) -> tuple[l
     if config.packing and fmt not in LM_FORMATS:
         raise ConfigError(f"data.packing applies to language-modelling formats ({', '.join(LM_FORMATS)}), not {fmt}")
     report.format = fmt
+    if config.augment is not None:  # after the eval split: evaluation records are never augmented
+        from deltatune.select.augment import augment_train_records
+
+        train_records = augment_train_records(train_records, config.augment, dict(config.columns))
 
     label_map = None
     if fmt == "classification":

@@ -11,6 +11,8 @@ Four word-level operations, each changing about ``alpha * n_words`` words (at le
 
 Everything is driven by one ``random.Random(seed)``, so a seed gives the same augmented set.
 ``augment_records`` leaves labels and other fields alone and rewrites only the text field.
+As a data option (``data.augment: {copies: 2, seed: 0}``, :class:`deltatune.data.config.AugmentConfig`)
+the training records are augmented after the evaluation split, so evaluation data never is.
 """
 from __future__ import annotations
 
@@ -18,19 +20,11 @@ import functools
 import random
 from typing import Any, Literal
 
-from pydantic import Field
-
-from deltatune.core.config import StrictConfig
+from deltatune.data.config import AugmentConfig
+from deltatune.data.formats import field_name
+from deltatune.data.sources import Record
 
 Op = Literal["synonym", "insert", "swap", "delete"]
-
-
-class AugmentConfig(StrictConfig):
-    ops: list[Op] = ["synonym", "insert", "swap", "delete"]
-    alpha: float = Field(0.1, gt=0, le=0.5)
-    copies: int = Field(2, ge=1)  # augmented copies per original (the original is kept too)
-    field: str = "text"
-    seed: int = 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,15 +80,33 @@ def eda(text: str, op: Op, alpha: float, rng: random.Random) -> str:
     raise ValueError(f"unknown EDA operation {op!r}; expected synonym, insert, swap or delete")
 
 
-def augment_records(rows: list[dict[str, Any]], config: AugmentConfig) -> list[dict[str, Any]]:
+def augment_records(rows: list[dict[str, Any]], config: AugmentConfig, columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The originals followed by ``copies`` augmented versions of each, operations taken in turn."""
     rng = random.Random(config.seed)
     out = [dict(r) for r in rows]
     for row in rows:
-        text = row.get(config.field)
-        if not isinstance(text, str):
+        key = field_name(config.field, dict(columns or {}), row)
+        text = row.get(key)
+        if not isinstance(text, str) or not text.strip():
             continue
         for c in range(config.copies):
             op = config.ops[c % len(config.ops)]
-            out.append({**row, config.field: eda(text, op, config.alpha, rng)})
+            out.append({**row, key: eda(text, op, config.alpha, rng)})
+    return out
+
+
+def augment_train_records(records: list[Record], config: AugmentConfig, columns: dict[str, str]) -> list[Record]:
+    """:func:`augment_records` on data-pipeline records; copies say where they came from."""
+    rng = random.Random(config.seed)
+    out = list(records)
+    for record in records:
+        if record.data is None:
+            continue
+        key = field_name(config.field, columns, record.data)
+        text = record.data.get(key)
+        if not isinstance(text, str) or not text.strip():
+            continue
+        for c in range(config.copies):
+            op = config.ops[c % len(config.ops)]
+            out.append(Record({**record.data, key: eda(text, op, config.alpha, rng)}, f"{record.origin} (EDA {op})"))
     return out

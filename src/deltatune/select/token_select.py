@@ -29,7 +29,7 @@ IGNORE_INDEX = -100
 
 def token_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Per-token next-token loss ``[B, T]`` aligned with ``labels`` (position 0 and ignored tokens: 0)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     logits = model(**inputs).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")

@@ -78,6 +78,13 @@ class ScheduleConfig(StrictConfig):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
+class TokenSelectionConfig(StrictConfig):
+    """Train only on tokens whose loss exceeds an EMA "history" model's (ssToken; deltatune.select.token_select)."""
+
+    keep_ratio: float | None = Field(0.6, gt=0, le=1)  # top fraction of targets by excess loss; None: all with excess > 0
+    beta: float = Field(0.99, ge=0, lt=1)  # EMA decay of the history copy of the trainable parameters
+
+
 class TrainLoopConfig(StrictConfig):
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -93,6 +100,7 @@ class TrainLoopConfig(StrictConfig):
     early_stopping_patience: int | None = Field(None, gt=0)
     threads: int | None = Field(None, gt=0)
     progress: bool = True
+    token_selection: TokenSelectionConfig | None = None
 
 
 class EvalConfig(StrictConfig):
@@ -129,6 +137,8 @@ class TrainRecipe(StrictConfig):
             raise ValueError("eval.metric exact_match needs model.task causal-lm")
         if self.eval.metric == "accuracy" and self.model.task != "sequence-classification":
             raise ValueError("eval.metric accuracy needs model.task sequence-classification")
+        if self.train.token_selection is not None and self.model.task != "causal-lm":
+            raise ValueError("train.token_selection selects target tokens and needs model.task causal-lm")
         return self
 
     def delta_config(self):

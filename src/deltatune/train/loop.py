@@ -66,6 +66,11 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
         raise ConfigError(f"optim.name {recipe.optim.name} runs its own forward/backward passes and does not support data parallel training")
     scheduler = build_scheduler(optimizer, cfg.max_steps, recipe.schedule)
     stream = make_stream(recipe, data, tokenizer, model)
+    selector = None
+    if cfg.token_selection is not None:  # relabels each micro-batch before its loss (deltatune.select.token_select)
+        from deltatune.select.token_select import TokenSelector
+
+        selector = TokenSelector(model, cfg.token_selection.beta, cfg.token_selection.keep_ratio)
 
     start, early = 0, {"best": None, "bad_evals": 0}
     if resume:
@@ -96,6 +101,8 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             micro = [to_device(slice_batch(next(stream), info), info.device) for _ in range(cfg.grad_accum)]
+            if selector is not None:
+                micro = [selector(model, b) for b in micro]
             local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) if not classification else len(b["labels"]) for b in micro)
             total_targets = all_reduce_sum(torch.tensor(float(local_targets)), info).item()
 
@@ -122,6 +129,8 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                     torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
                 optimizer.step()
             scheduler.step()
+            if selector is not None:
+                selector.update(model)
             if hasattr(model, "on_train_step"):  # before zero_grad: hooks may read the step's gradients
                 model.on_train_step(step + 1)
             optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,8 @@ import random
 
 import torch
 
-from deltatune.select.augment import AugmentConfig, augment_records, eda, wordnet_available
+from deltatune.data.config import AugmentConfig
+from deltatune.select.augment import augment_records, eda, wordnet_available
 from deltatune.select.token_select import TokenSelector, selection_mask, token_losses
 
 
