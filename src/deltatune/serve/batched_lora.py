@@ -49,6 +49,10 @@ class LoraPlan:
     lo: int
     hi: int
     width: int             # M: the largest group
+    # When every group is full (G·M = n, e.g. one adapter for all rows, or N adapters over N·k rows),
+    # the block is just the tokens in group order: ``perm`` (None when that order is 0…n−1 itself).
+    dense: bool = False
+    perm: torch.Tensor | None = None
 
 
 def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
@@ -65,7 +69,12 @@ def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.empty_like(group)
     pos[order] = torch.arange(group.numel(), device=group.device) - starts[group[order]]
-    return LoraPlan(tokens, group, pos, lo, hi, int(counts.max()))
+    width = int(counts.max())
+    dense = (hi - lo + 1) * width == group.numel()
+    perm = tokens.index_select(0, order) if dense else None
+    if dense and perm.numel() == tok_slots.numel() and bool((perm == torch.arange(perm.numel(), device=perm.device)).all()):
+        perm = None
+    return LoraPlan(tokens, group, pos, lo, hi, width, dense, perm)
 
 
 def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
@@ -80,10 +89,21 @@ def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch
     if plan is None:
         return y
     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-    block = x2.new_zeros((plan.hi - plan.lo + 1, plan.width, x2.shape[1]), dtype=A.dtype)
-    block[plan.group, plan.pos] = x2.index_select(0, plan.tokens).to(A.dtype)
+    groups = plan.hi - plan.lo + 1
+    if plan.dense:  # no padding: the block is a (permuted) view of the tokens — fewer, larger ops
+        xs = x2 if plan.perm is None else x2.index_select(0, plan.perm)
+        block = xs.to(A.dtype).view(groups, plan.width, -1)
+    else:
+        block = x2.new_zeros((groups, plan.width, x2.shape[1]), dtype=A.dtype)
+        block[plan.group, plan.pos] = x2.index_select(0, plan.tokens).to(A.dtype)
     hidden = torch.bmm(block, A[plan.lo: plan.hi + 1].transpose(1, 2))          # [G, M, R]
     out = torch.bmm(hidden, B[plan.lo: plan.hi + 1].transpose(1, 2))            # [G, M, out]
+    if plan.dense:
+        out = out.view(-1, out.shape[-1]).to(y.dtype)
+        if plan.perm is None:
+            return y.add_(out.view(y.shape))
+        y2.index_put_((plan.perm,), out, accumulate=True)
+        return y
     # index_put_ (not index_add_): index_add_ goes parallel even for a handful of rows, slow on a busy CPU.
     y2.index_put_((plan.tokens,), out[plan.group, plan.pos].to(y.dtype), accumulate=True)
     return y

@@ -68,3 +68,16 @@ def test_a_shared_plan_gives_the_same_result_and_none_means_no_adapter():
     y = add_batched_lora(base.clone(), x, A, B, slots, plan)
     assert torch.allclose(y, base + lora_delta_reference(x, A, B, slots), atol=1e-5)
     assert plan_lora(torch.tensor([-1, -1]), 3) is None
+
+
+def test_dense_layouts_match_the_reference():
+    A, B, _ = _stack([4, 2, 3], 6, 5, 4, seed=4)
+    for slots, dense, identity in [([0, 0, 0, 0], True, True), ([0, 1, 2], True, True), ([2, 0, 1, 2, 0, 1], True, False),
+                                   ([1, 1, -1, 2, 2], True, False), ([0, 1, 1], False, True)]:
+        slots = torch.tensor(slots)
+        for t in (1, 3):
+            x, base = torch.randn(len(slots), t, 6), torch.randn(len(slots), t, 5)
+            plan = plan_lora(slots, t)
+            assert plan.dense == dense and (plan.perm is None) == identity
+            y = add_batched_lora(base.clone(), x, A, B, slots, plan)
+            assert torch.allclose(y, base + lora_delta_reference(x, A, B, slots), atol=1e-5)
