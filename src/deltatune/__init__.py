@@ -16,11 +16,12 @@ from deltatune.api import attach, load_delta, load_model, load_tokenizer, save_d
 from deltatune.core.config import DeltaConfig  # noqa: E402
 from deltatune.core.delta_model import DeltaModel  # noqa: E402
 from deltatune.core.registry import get_method, list_methods  # noqa: E402
+from deltatune.graft import graft, graft_report  # noqa: E402
 from deltatune.methods.lora import LoraConfig  # noqa: E402
 from deltatune.utils.errors import DeltatuneError  # noqa: E402
 import deltatune.algebra.compress  # noqa: E402,F401  (registers the "compeft" method: compressed deltas load like any other)
 
 __all__ = [
-    "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig", "attach", "get_method",
+    "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig", "attach", "get_method", "graft", "graft_report",
     "list_methods", "load_delta", "load_model", "load_tokenizer", "save_delta",
 ]
