@@ -127,3 +127,19 @@ def test_cancelled_requests_free_their_slots(engine):
     while not all(r.done.is_set() for r in waiting[:2]):
         engine.step()
     assert engine.metrics()["kv_slots_free"] == 3
+
+
+def test_many_adapters_through_two_slots(served, tmp_path):
+    import shutil
+
+    base, adapters = served
+    for i in range(40):
+        shutil.copytree(adapters / "qv4", tmp_path / f"copy{i:02d}")
+    eng = Engine(deltatune.load_model(base, task="causal-lm"), tmp_path, deltatune.load_tokenizer(base), max_batch=3, lora_slots=2, max_len=32)
+    before = eng.pool.nbytes()
+    out = eng.generate(["one two"] * 40, [f"copy{i:02d}" for i in range(40)], SamplingParams(max_tokens=4))
+    m = eng.metrics()
+    assert m["adapter_loads"] == 40 and m["resident_adapters"] == 2 and eng.pool.nbytes() == before
+    # Every copy holds qv4's weights, so every answer is qv4's answer.
+    assert {o.text for o in out} == {_reference(base, adapters, "one two", "qv4", 4)}
+    eng.close()
