@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from deltatune.core.inject import install_branch, iter_logical_modules, iter_wrappers, remove_branch
-from deltatune.core.method import DeltaBranch
 from deltatune.serve.adapter_pool import AdapterPool
-from deltatune.serve.batched_lora import LoraPlan, add_batched_lora, plan_lora
 from deltatune.serve.kv_cache import SlotKVCache, attention_mask
+from deltatune.serve.lora_branch import LoraContext, ServedLoraBranch
 from deltatune.serve.sampling import SamplingParams, choose_tokens, held_back, make_generator, stop_hit
 from deltatune.serve.scheduler import Request, Scheduler
 from deltatune.utils.errors import ConfigError, DeltatuneError
@@ -40,45 +39,6 @@ SUPPORTED = ("llama",)
 
 class RequestError(DeltatuneError, ValueError):
     """A request the engine cannot run as given (too long, empty prompt, bad token ids)."""
-
-
-class LoraContext:
-    """Row → adapter slot for the forward in progress (set by the engine, read by every branch).
-
-    Modules differ only in which slots' adapters touch them, so the token grouping
-    (:func:`plan_lora`) is built once per distinct pattern per forward and shared."""
-
-    def __init__(self):
-        self.slots: list[int] = []
-        self.active = False
-        self.tokens_per_row = 1
-        self.device: torch.device | str = "cpu"
-        self._plans: dict[tuple[int, ...], LoraPlan | None] = {}
-
-    def set(self, slots: list[int], tokens_per_row: int, device) -> None:
-        self.slots, self.tokens_per_row, self.device = slots, tokens_per_row, device
-        self.active = any(s >= 0 for s in slots)
-        self._plans = {}
-
-    def plan(self, has: list[bool]) -> LoraPlan | None:
-        key = tuple(s if s >= 0 and has[s] else -1 for s in self.slots)
-        if key not in self._plans:
-            self._plans[key] = plan_lora(torch.tensor(key, device=self.device), self.tokens_per_row)
-        return self._plans[key]
-
-
-class ServedLoraBranch(DeltaBranch):
-    """``base_out + LoRA of each row's adapter`` at one module; rows whose adapter does not touch this module skip it."""
-
-    def __init__(self, pool: AdapterPool, module: str, ctx: LoraContext):
-        super().__init__()
-        self.pool, self.module, self.ctx = pool, module, ctx
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        if not self.ctx.active:
-            return base_out
-        plan = self.ctx.plan(self.pool.has_list[self.module])
-        return add_batched_lora(base_out, x, self.pool.A[self.module], self.pool.B[self.module], None, plan)
 
 
 @dataclass(frozen=True)
