@@ -11,6 +11,13 @@ moments live in the *smaller* of the two shapes::
 ``Adam(R)`` is Adam's bias-corrected m̂ / (√v̂ + ε) on the projected gradient; the moments are
 [r, n] (or [m, r]) instead of [m, n]. With P = I and α = 1 this is exactly AdamW. Parameters
 that are not projected (biases, norms, the embeddings and the LM head) get plain AdamW.
+
+``layerwise=True`` (GaLore's per-layer weight update, §4.3 of the paper): each parameter is
+updated by a hook as soon as its gradient is complete, and the gradient is freed, so the full
+set of gradients never exists at once — without it a step still holds a full-size gradient per
+weight, and GaLore saves only the optimizer state. The step then runs its own backward
+(``owns_step``, as LOMO); gradient clipping takes a norm-only first pass (see
+:func:`deltatune.optim.lomo.fused_train_step`), so the update equals clip-then-step exactly.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from deltatune.optim import named_parameters_of, register_optimizer
+from deltatune.optim.lomo import fused_hook, fused_train_step
 from deltatune.utils.errors import ConfigError
 
 Projector = Callable[[torch.Tensor, int], torch.Tensor]
@@ -42,43 +50,64 @@ class GaLore(torch.optim.Optimizer):
     """AdamW whose param groups with ``galore=True`` keep their moments in a rank-``rank`` subspace."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: Projector = svd_projector):
+                 rank: int = 128, update_gap: int = 200, scale: float = 0.25, projector: Projector = svd_projector,
+                 layerwise: bool = False, max_grad_norm: float | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, galore=False, rank=rank, update_gap=update_gap, scale=scale)
         super().__init__(params, defaults)
         self.projector = projector
+        self.owns_step = layerwise  # the training loop asks only for this attribute
+        self.max_grad_norm = max_grad_norm
+        self._mode: str | None = None
+        self._norm_sq = torch.zeros(())
+        self._coef = 1.0
+        if layerwise:
+            group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.register_post_accumulate_grad_hook(lambda p: fused_hook(self, p, lambda p: self._update(p, group_of[id(p)], self._coef)))
+
+    def train_step(self, micro: list[dict], step_loss) -> torch.Tensor:
+        """Layer-wise mode: one step on ``micro`` (a single batch), the update fused into backward."""
+        return fused_train_step(self, micro, step_loss, self.max_grad_norm, "layer-wise GaLore")
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.owns_step:
+            raise RuntimeError("layer-wise GaLore updates inside backward: call train_step(micro_batches, step_loss), not step()")
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                low_rank = group["galore"] and p.ndim == 2
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                if low_rank and (int(state["step"]) % group["update_gap"] == 0):
-                    state["basis"] = self.projector(grad, group["rank"]).to(grad.dtype)
-                r = project(grad, state["basis"]) if low_rank else grad
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(r)
-                    state["exp_avg_sq"] = torch.zeros_like(r)
-                state["step"] += 1
-                t = int(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(r, 1 - beta1)
-                v.mul_(beta2).addcmul_(r, r, value=1 - beta2)
-                # Same operation order as torch's AdamW, so that P = I reproduces it to rounding.
-                denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
-                norm = m / denom / (1 - beta1**t)
-                update = group["scale"] * project_back(norm, state["basis"], p.shape) if low_rank else norm
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                if p.grad is not None:
+                    self._update(p, group)
         return loss
+
+    def _update(self, p: torch.Tensor, group: dict, coef: float = 1.0) -> None:
+        beta1, beta2 = group["betas"]
+        grad = p.grad.float()
+        if coef != 1.0:
+            grad = grad * coef
+        state = self.state[p]
+        low_rank = group["galore"] and p.ndim == 2
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+        if low_rank and (int(state["step"]) % group["update_gap"] == 0):
+            state["basis"] = self.projector(grad, group["rank"]).to(grad.dtype)
+        r = project(grad, state["basis"]) if low_rank else grad
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(r)
+            state["exp_avg_sq"] = torch.zeros_like(r)
+        state["step"] += 1
+        t = int(state["step"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(r, 1 - beta1)
+        v.mul_(beta2).addcmul_(r, r, value=1 - beta2)
+        # Same operation order as torch's AdamW, so that P = I reproduces it to rounding.
+        denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        norm = m / denom / (1 - beta1**t)
+        update = group["scale"] * project_back(norm, state["basis"], p.shape) if low_rank else norm
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
 def galore_groups(params, model, rank: int) -> list[dict]:
@@ -108,4 +137,5 @@ def galore_groups(params, model, rank: int) -> list[dict]:
 def build_galore(params, config, model, objective) -> GaLore:
     g = config.galore
     return GaLore(galore_groups(params, model, g.rank), lr=config.lr, betas=config.betas, eps=config.eps,
-                  weight_decay=config.weight_decay, rank=g.rank, update_gap=g.update_gap, scale=g.scale)
+                  weight_decay=config.weight_decay, rank=g.rank, update_gap=g.update_gap, scale=g.scale,
+                  layerwise=g.layerwise, max_grad_norm=config.max_grad_norm)

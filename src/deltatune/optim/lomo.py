@@ -40,14 +40,7 @@ class Lomo(torch.optim.Optimizer):
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for g in self.param_groups for p in g["params"]]
 
     def _hook(self, p: torch.Tensor) -> None:
-        if self._mode is None:  # a backward outside train_step (e.g. a user's own): leave the gradient alone
-            return
-        if self._mode == "norm":
-            self._norm_sq += p.grad.detach().float().pow(2).sum()
-        else:
-            with torch.no_grad():
-                (self._adalomo_update if self.adaptive else self._sgd_update)(p, p.grad, self._group[id(p)])
-        p.grad = None
+        fused_hook(self, p, lambda p: (self._adalomo_update if self.adaptive else self._sgd_update)(p, p.grad, self._group[id(p)]))
 
     def _sgd_update(self, p, grad, group) -> None:
         if group["weight_decay"] and p.ndim >= 2:
@@ -82,30 +75,55 @@ class Lomo(torch.optim.Optimizer):
 
     def train_step(self, micro: list[dict], step_loss) -> torch.Tensor:
         """One step on ``micro`` (a single batch); ``step_loss(i, batch)`` → (loss to differentiate, detached loss sum)."""
-        if len(micro) != 1:
-            raise ConfigError(f"train.grad_accum = {len(micro)}: LOMO/AdaLomo update inside backward and cannot accumulate gradients; "
-                              "use grad_accum 1 and a larger batch_size")
-        batch = micro[0]
-        self._coef = 1.0
-        self._opt_called = True  # this *is* the optimizer step (the lr scheduler checks that one happened)
-        try:
-            if self.max_grad_norm:
-                rng = torch.get_rng_state()
-                self._mode, self._norm_sq = "norm", torch.zeros(())
-                loss, _ = step_loss(0, batch)
-                loss.backward()
-                norm = float(self._norm_sq.sqrt())
-                self._coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
-                torch.set_rng_state(rng)
-            self._mode = "update"
-            loss, loss_sum = step_loss(0, batch)
-            loss.backward()
-        finally:
-            self._mode = None
-        return loss_sum
+        return fused_train_step(self, micro, step_loss, self.max_grad_norm, "LOMO/AdaLomo")
 
     def step(self, closure=None):
         raise RuntimeError("LOMO updates inside backward: call train_step(micro_batches, step_loss), not step()")
+
+
+def fused_hook(opt, p: torch.Tensor, apply) -> None:
+    """The per-parameter hook of an optimizer fused into backward (``opt._mode``: None, "norm" or "update").
+
+    "norm" only adds ‖g‖² (clipping's first pass); "update" runs ``apply(p)`` with ``p.grad`` set.
+    Either way the gradient is freed at once, so at most one parameter's gradient exists at a time.
+    """
+    if opt._mode is None:  # a backward outside train_step (e.g. a user's own): leave the gradient alone
+        return
+    if opt._mode == "norm":
+        opt._norm_sq += p.grad.detach().float().pow(2).sum()
+    else:
+        with torch.no_grad():
+            apply(p)
+    p.grad = None
+
+
+def fused_train_step(opt, micro: list[dict], step_loss, max_grad_norm: float | None, name: str) -> torch.Tensor:
+    """One step of an optimizer whose hooks (:func:`fused_hook`) update inside backward.
+
+    With ``max_grad_norm`` a first backward only measures the global norm and a second (same RNG
+    state, so the same dropout masks) updates with ``opt._coef = min(1, max_norm / (‖g‖ + 1e-6))``.
+    """
+    if len(micro) != 1:
+        raise ConfigError(f"train.grad_accum = {len(micro)}: {name} update inside backward and cannot accumulate gradients; "
+                          "use grad_accum 1 and a larger batch_size")
+    batch = micro[0]
+    opt._coef = 1.0
+    opt._opt_called = True  # this *is* the optimizer step (the lr scheduler checks that one happened)
+    try:
+        if max_grad_norm:
+            rng = torch.get_rng_state()
+            opt._mode, opt._norm_sq = "norm", torch.zeros(())
+            loss, _ = step_loss(0, batch)
+            loss.backward()
+            norm = float(opt._norm_sq.sqrt())
+            opt._coef = min(1.0, max_grad_norm / (norm + 1e-6))
+            torch.set_rng_state(rng)
+        opt._mode = "update"
+        loss, loss_sum = step_loss(0, batch)
+        loss.backward()
+    finally:
+        opt._mode = None
+    return loss_sum
 
 
 def _check_params(params, name):

@@ -36,11 +36,13 @@ class GenerateSection(StrictConfig):
 
 
 class GaloreOptions(StrictConfig):
-    """GaLore: ``rank`` of the gradient subspace, refreshed every ``update_gap`` steps; ``scale`` α of the update."""
+    """GaLore: ``rank`` of the gradient subspace, refreshed every ``update_gap`` steps; ``scale`` α of the update;
+    ``layerwise``: fuse the update into backward (see :mod:`deltatune.optim.galore`)."""
 
     rank: int = Field(128, gt=0)
     update_gap: int = Field(200, gt=0)
     scale: float = Field(0.25, gt=0)
+    layerwise: bool = False  # update each weight inside backward and free its gradient (GaLore's per-layer update)
 
 
 class LisaOptions(StrictConfig):

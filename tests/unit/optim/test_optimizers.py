@@ -195,3 +195,30 @@ def test_lisa_gamma_above_layers_is_an_error():
     model = LlamaForCausalLM(tiny_llama_config())
     with pytest.raises(ConfigError, match=r"optim.lisa.layers = 3 is more than the 2 layers"):
         Lisa(list(model.parameters()), model, n_active=3, interval=2)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_layerwise_galore_equals_clip_then_step(max_norm):
+    """Updating each weight inside backward (gradients freed at once) is the same update as backward → clip → step."""
+    net, ref = small_net(), small_net()
+
+    def groups(m):
+        return [{"params": [p for p in m.parameters() if p.ndim == 2], "galore": True}, {"params": [p for p in m.parameters() if p.ndim < 2]}]
+
+    ours = GaLore(groups(net), lr=0.01, rank=2, update_gap=2, scale=0.5, weight_decay=0.1, layerwise=True, max_grad_norm=max_norm)
+    plain = GaLore(groups(ref), lr=0.01, rank=2, update_gap=2, scale=0.5, weight_decay=0.1)
+    for step in range(3):  # crosses a basis refresh (update_gap 2)
+        batch = {"x": torch.randn(4, 6, generator=torch.Generator().manual_seed(step)), "y": torch.randn(4, 3, generator=torch.Generator().manual_seed(9 + step))}
+        loss_sum = ours.train_step([batch], lambda i, b: (batch_loss(net, b), batch_loss(net, b).detach()))
+        assert all(p.grad is None for p in net.parameters())
+        loss = batch_loss(ref, batch)
+        loss.backward()
+        if max_norm:
+            assert torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm) > 10 * max_norm
+        plain.step()
+        plain.zero_grad(set_to_none=True)
+        assert float(loss_sum) == pytest.approx(float(loss))
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert (p - q).abs().max() < 1e-6
+    with pytest.raises(RuntimeError, match="train_step"):
+        ours.step()

@@ -51,6 +51,7 @@ def recipe(lm_dir, tmp_path, name, optim: dict, steps=16, **train_over):
 SETTINGS = {
     "adamw": {"lr": 0.01},
     "galore": {"lr": 0.01, "galore.rank": 4, "galore.update_gap": 5, "galore.scale": 1.0},
+    "galore_layerwise": {"name": "galore", "lr": 0.01, "galore.rank": 4, "galore.update_gap": 5, "galore.scale": 1.0, "galore.layerwise": "true"},
     "lisa": {"lr": 0.01, "lisa.layers": 1, "lisa.interval": 4},
     "lomo": {"lr": 0.5, "max_grad_norm": 1.0},
     "adalomo": {"lr": 0.01},
