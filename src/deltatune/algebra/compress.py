@@ -173,22 +173,30 @@ class CompeftMethod(DeltaMethod):
 
 def compress_delta_tensors(config: DeltaConfig, tensors: dict[str, torch.Tensor], branch_keys: tuple[str, ...], density: float, ternary: bool,
                            alpha: float = 1.0) -> tuple[CompeftConfig, dict[str, torch.Tensor]]:
-    """A delta's ``{<module>.<key>: tensor}`` → (compeft config, its packed ``{<module>.packed.<slot>.<part>: tensor}``)."""
-    if config.modules_to_save:
-        raise ConfigError("compress: deltas with modules_to_save (trained heads) are not supported yet")
-    counts, packed = {}, {}
+    """A delta's ``{<module>.<key>: tensor}`` → (compeft config, its packed ``{<module>.packed.<slot>.<part>: tensor}``).
+
+    Tensors of ``modules_to_save`` (a trained head) are kept as they are: they are whole weights,
+    not updates, and the core attaches them for any method.
+    """
+    from deltatune.core.targets import matches
+
+    counts, packed, modules = {}, {}, set()
     for key, t in tensors.items():
         bk = next((b for b in branch_keys if key.endswith("." + b)), None)
         if bk is None:
+            if any(matches(p, key.rsplit(".", 1)[0]) or key.startswith(p + ".") for p in config.modules_to_save):
+                packed[key] = t
+                continue
             raise ConfigError(f"compress: tensor {key!r} is not a parameter of a {config.method} delta")
         module = key[: -len(bk) - 1]
+        modules.add(module)
         parts = compress_tensor(t, density, ternary, alpha)
         counts[key] = max(1, int(density * t.numel())) if density < 1 else t.numel()
         for part, value in parts.items():
             packed[f"{module}.packed.{_slot(bk)}.{part}"] = value
-    modules = sorted({k[: -len(bk) - 1] for k in tensors for bk in branch_keys if k.endswith("." + bk)})
-    inner = config.model_copy(update={"targets": modules, "exclude": []}).model_dump(mode="json")
-    return CompeftConfig(inner=inner, density=density, ternary=ternary, counts=counts, targets=modules), packed
+    modules = sorted(modules)
+    inner = config.model_copy(update={"targets": modules, "exclude": [], "modules_to_save": []}).model_dump(mode="json")
+    return CompeftConfig(inner=inner, density=density, ternary=ternary, counts=counts, targets=modules, modules_to_save=config.modules_to_save), packed
 
 
 def compress_adapter(path, out, density: float, ternary: bool = True, alpha: float = 1.0) -> dict:

@@ -77,3 +77,20 @@ def test_density_outside_range_is_refused_before_writing(adapter, tmp_path, dens
     with pytest.raises(ConfigError, match=r"density must be in \(0, 1\]"):
         compress_adapter(lora, tmp_path / "c", density=density)
     assert not (tmp_path / "c").exists()
+
+
+def test_classifier_delta_with_trained_head(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from tests.helpers import tiny_bert_config
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(tiny_bert_config()).eval()
+    base.save_pretrained(tmp_path / "base")
+    dm = deltatune.attach(base, {"method": "lora", "r": 4, "targets": ["query", "value"], "modules_to_save": ["classifier"]})
+    randomize_delta(dm, std=0.1, seed=1)
+    dm.save_delta(str(tmp_path / "lora"))
+    want = logits(dm)
+    compress_adapter(tmp_path / "lora", tmp_path / "c", density=1.0, ternary=False)
+    fresh = BertForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    got = deltatune.load_delta(fresh, tmp_path / "c")
+    assert torch.allclose(logits(got), want, atol=1e-6)   # the head is stored as is, the LoRA factors exactly
