@@ -123,10 +123,12 @@ class AdapterPool:
                 self._loading[name] = self._executor.submit(read_lora_adapter, path, self.modules, self.max_rank)
         return False
 
-    def poll(self) -> dict[str, BaseException]:
-        """Install finished reads into slots (free first, then the least recently used idle one).
+    def poll(self, keep: frozenset[str] | set[str] = frozenset()) -> dict[str, BaseException]:
+        """Install finished reads into slots (free first, then the least recently used idle one not in ``keep``).
 
-        Returns the adapters whose read failed, with the error (their requests should fail)."""
+        ``keep``: adapters that queued requests are about to use — evicting one of those before its
+        request is admitted would only load it again. Returns the adapters whose read failed, with
+        the error (their requests should fail)."""
         failed: dict[str, BaseException] = {}
         with self._lock:
             done = [(n, f) for n, f in self._loading.items() if f.done()]
@@ -137,7 +139,7 @@ class AdapterPool:
                 with self._lock:
                     del self._loading[name]
                 continue
-            slot = self._take_slot()
+            slot = self._take_slot(keep)
             if slot is None:
                 break  # every slot is in use: keep the read waiting until a request finishes
             self._install(slot, future.result())
@@ -147,11 +149,11 @@ class AdapterPool:
                 del self._loading[name]
         return failed
 
-    def _take_slot(self) -> int | None:
+    def _take_slot(self, keep) -> int | None:
         if self.free:
             return self.free.pop(0)
         for name, slot in self.resident.items():  # least recently used first
-            if self.refs[slot] == 0:
+            if self.refs[slot] == 0 and name not in keep:
                 del self.resident[name]
                 self.evictions += 1
                 return slot

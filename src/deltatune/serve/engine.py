@@ -211,22 +211,31 @@ class Engine:
             return worked
 
     def _prepare_adapters(self) -> None:
+        """Start loading the adapters of the requests at the head of the queue — as many distinct
+        ones as there are slots; loading for requests further back would evict these again."""
         if self.pool is None:
             return
-        failed = self.pool.poll()
+        window: list[str] = []
+        for r in self.scheduler.waiting:
+            if r.adapter is not None and r.adapter not in window:
+                window.append(r.adapter)
+                if len(window) == self.pool.num_slots:
+                    break
+        failed = self.pool.poll(keep=set(window))
         if failed:
             self._fail_waiting(lambda r: r.adapter in failed, lambda r: failed[r.adapter])
-        for r in self.scheduler.waiting:
-            if r.adapter is not None:
-                try:
-                    self.pool.request(r.adapter)
-                except DeltatuneError as err:
-                    r.error = err
+        for name in window:
+            try:
+                self.pool.request(name)
+            except DeltatuneError as err:
+                for r in self.scheduler.waiting:
+                    if r.adapter == name:
+                        r.error = err
 
     def _adapter_ready(self, req: Request) -> int | None:
         if req.adapter is None:
             return -1
-        if req.error is not None or not self.pool.request(req.adapter):
+        if req.error is not None or req.adapter not in self.pool.resident:  # loads start only in _prepare_adapters
             return None
         return self.pool.acquire(req.adapter)
 
