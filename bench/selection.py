@@ -48,7 +48,7 @@ def select(work: Path, name: str, strategy: dict, budget: float, cache: Path, ta
     from deltatune.select import run_selection, validate_select_recipe
 
     data = {"strategy": strategy, "pool": {"path": str(SST2 / "train.tsv")}, "budget": budget, "progress": False,
-            "embedding": {"model": "minilm-l6", "batch_size": 128, "cache_dir": str(cache)},
+            "embedding": {"model": "minilm-l6", "batch_size": 128, "cache_dir": str(cache), "threads": 1},
             "output": {"path": str(work / f"{name}.jsonl")}}
     if strategy["name"] == "got_d":
         data["target"] = {"path": str(target)}
@@ -66,7 +66,7 @@ def train_eval(work: Path, name: str, train_path: Path, eval_path: Path, steps: 
         "data": {"path": str(train_path), "eval_path": str(eval_path), "max_length": 64},
         "optim": {"lr": 1e-3, "weight_decay": 0.01},
         "schedule": {"name": "linear", "warmup_ratio": 0.06},
-        "train": {"max_steps": steps, "batch_size": 32, "seed": seed, "log_every": 50, "progress": False},
+        "train": {"max_steps": steps, "batch_size": 32, "seed": seed, "log_every": 50, "progress": False, "threads": 1},
         "eval": {"metric": "accuracy", "batch_size": 128},
         "output": {"dir": str(work / "runs"), "name": name},
     })
@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--target", type=int, default=200, help="validation sentences used as GOT-D's target sample")
     p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N validation sentences after the target sample")
     p.add_argument("--only", nargs="*", default=list(STRATEGIES))
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_selection")
     p.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench_selection" / "embeddings")
@@ -90,7 +91,8 @@ def main() -> None:
     pool = read_tsv(SST2 / "train.tsv")
     dev = read_tsv(SST2 / "validation.tsv")
     target = write_jsonl(args.work / "target.jsonl", [{"sentence": r["sentence"], "label": r["label"]} for r in dev[: args.target]])
-    eval_path = write_jsonl(args.work / "eval.jsonl", dev[args.target:])
+    eval_rows = dev[args.target:][: args.max_eval] if args.max_eval else dev[args.target:]
+    eval_path = write_jsonl(args.work / "eval.jsonl", eval_rows)
     n = max(1, round(args.budget * len(pool)))
     rows = []
     for seed in args.random_seeds:
@@ -107,7 +109,7 @@ def main() -> None:
     summary = {"random_mean": statistics.mean(rand), "random_min": min(rand), "random_max": max(rand), "random_spread": max(rand) - min(rand)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "pool": len(pool), "subset": n,
-                                    "eval_sentences": len(dev) - args.target, "runs": rows, "summary": summary}, indent=2) + "\n")
+                                    "eval_sentences": len(eval_rows), "runs": rows, "summary": summary}, indent=2) + "\n")
     print("\n| strategy | dev accuracy | vs random mean | beats random max? | select s |\n|---|---|---|---|---|")
     for r in rows:
         beats = "" if r["strategy"] == "random" else ("yes" if r["accuracy"] > summary["random_max"] else "no")

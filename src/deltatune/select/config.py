@@ -38,7 +38,7 @@ class SourceSection(StrictConfig):
     subset: str | None = None
     header: bool = True
     column_names: list[str] | None = None
-    quoting: str = "auto"
+    quoting: Literal["auto", "csv", "none"] = "auto"
 
     @field_validator("columns")
     @classmethod
