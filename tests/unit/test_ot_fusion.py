@@ -114,3 +114,32 @@ def test_refusals(tiny_llama):
     deltatune.attach(other, {"method": "lora", "r": 2})
     with pytest.raises(ConfigError, match="has deltas attached"):
         ot_fuse([tiny_llama, other])
+
+
+def test_ot_fusion_as_a_merge_recipe_method(tmp_path):
+    """`method: ot_fusion` in a merge recipe: HF directories in, a HF directory out that is the
+    aligned average — for a model and its relabelled twin, the model itself; a delta is refused."""
+    from transformers import BertForSequenceClassification
+
+    from deltatune.algebra.merge import run_merge
+    from deltatune.algebra.recipe import parse_recipe
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=2)).eval()
+    twin = permuted(model, seed=3, heads=True)
+    model.save_pretrained(tmp_path / "a")
+    twin.save_pretrained(tmp_path / "b")
+    recipe = parse_recipe({"inputs": [{"path": str(tmp_path / "a")}, {"path": str(tmp_path / "b")}], "method": "ot_fusion",
+                           "parameters": {"heads": True}, "output": {"path": str(tmp_path / "fused")}})
+    report = run_merge(recipe)
+    assert report["method"] == "ot_fusion" and report["aligned_groups"] == 4
+    fused = BertForSequenceClassification.from_pretrained(tmp_path / "fused").eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(fused(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    adapter = tmp_path / "adapter"
+    deltatune.attach(BertForSequenceClassification(tiny_bert_config(num_labels=2)), {"method": "lora"}).save_delta(adapter)
+    bad = parse_recipe({"inputs": [{"path": str(tmp_path / "a")}, {"path": str(adapter)}], "method": "ot_fusion", "output": {"path": str(tmp_path / "never")}})
+    with pytest.raises(ConfigError, match="ot_fusion averages full models"):
+        run_merge(bad)
+    assert not (tmp_path / "never").exists()

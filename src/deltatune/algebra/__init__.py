@@ -8,5 +8,8 @@
 from __future__ import annotations
 
 from deltatune.algebra.ops import OpParams, list_ops, register_model_op, register_op
+from deltatune.algebra.ot_fusion import merge_op as _ot_fusion_merge
+
+register_model_op("ot_fusion", _ot_fusion_merge)
 
 __all__ = ["OpParams", "list_ops", "register_model_op", "register_op"]

@@ -207,3 +207,36 @@ def ot_fuse_model(models: list[nn.Module], weights: list[float] | None = None, h
     model = copy.deepcopy(models[reference])
     model.load_state_dict(fused)
     return model
+
+
+def merge_op(recipe) -> dict:
+    """The ``ot_fusion`` method of ``deltatune merge``: full model directories (same architecture)
+    → their OT-aligned weighted average, written as a HF directory like any other merge."""
+    import json
+    from pathlib import Path
+
+    import transformers
+    from safetensors.torch import save_file
+
+    from deltatune.algebra.merge import REPORT_FILE, copy_model_files
+    from deltatune.algebra.task_vector import check_full_inputs
+    from deltatune.utils.io import atomic_dir
+
+    paths = [spec.path for spec in recipe.inputs]
+    names = check_full_inputs(paths, "ot_fusion")
+    config = transformers.AutoConfig.from_pretrained(paths[0])
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    if model_class is None:
+        raise ConfigError(f"ot_fusion: {paths[0]!r} names no transformers architecture in its config.json (architectures: {config.architectures})")
+    models = [model_class.from_pretrained(p).eval() for p in paths]
+    fused = ot_fuse(models, [spec.weight for spec in recipe.inputs], heads=recipe.parameters.heads)
+    # Only the tensors the checkpoints hold (tied weights appear once), each with its own storage.
+    tensors = {n: fused[n].contiguous().clone() for n in names if n in fused}
+    report = {"output": str(recipe.output.path), "format": "hf", "method": "ot_fusion", "inputs": paths, "heads": recipe.parameters.heads,
+              "aligned_groups": len(neuron_groups(models[0], recipe.parameters.heads))}
+    with atomic_dir(recipe.output.path) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        copy_model_files(Path(paths[0]), tmp)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -47,6 +47,7 @@ class MergeParameters(StrictConfig):
     sparsify: Literal["magnitude", "random"] | None = None
     consensus: Literal["sum", "count"] | None = None
     seed: int = 0
+    heads: bool = False  # ot_fusion: also align BERT attention heads (not only FFN units)
 
 
 class LinesConfig(StrictConfig):

@@ -82,17 +82,10 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
 def greedy_soup(recipe, log=print) -> dict:
     """Run a ``greedy_soup`` recipe (full model directories) and write the soup as a HF directory."""
     from deltatune.algebra.merge import copy_model_files
-    from deltatune.algebra.task_vector import BaseCheckpoint, FullInput, open_input
+    from deltatune.algebra.task_vector import check_full_inputs
 
     paths = [spec.path for spec in recipe.inputs]
-    ref = BaseCheckpoint(paths[0])
-    for p in paths:  # same architecture and shapes, from headers, before any evaluation
-        inp = open_input(p)
-        if not isinstance(inp, FullInput):
-            raise ConfigError(f"greedy_soup averages full models; {p!r} is a delta — merge it into its base first")
-        inp.validate(ref)
-        inp.close()
-    ref.tensors.close()
+    check_full_inputs(paths, "greedy_soup")  # same architecture and shapes, before any evaluation
     ev = recipe.eval
     metric = ev.metric
     lower_is_better = metric == "loss"

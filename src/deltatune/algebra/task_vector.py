@@ -22,7 +22,7 @@ from deltatune.algebra.stream import TensorFile, checkpoint_files, read_header
 from deltatune.core.full_copy import FULL_COPY_KEY
 from deltatune.core.registry import get_method
 from deltatune.core.state import CONFIG_FILE, DELTATUNE_FILE, WEIGHTS_FILE, from_file_key, read_delta_config, split_key
-from deltatune.utils.errors import DeltaFileError, ModelLoadError, ShapeMismatchError, closest
+from deltatune.utils.errors import ConfigError, DeltaFileError, ModelLoadError, ShapeMismatchError, closest
 
 
 def module_of(tensor_name: str) -> str:
@@ -264,3 +264,22 @@ def open_input(path: str | Path):
 
 
 __all__ = ["AdapterInput", "BaseCheckpoint", "FullInput", "module_of", "open_input", "read_header"]
+
+
+def check_full_inputs(paths: list[str], method: str) -> list[str]:
+    """For methods that average whole models (soups, OT fusion): every input is a full model
+    directory with the first one's tensor names and shapes — checked from headers, before any
+    tensor is read. Returns the tensor names of the first input."""
+    reference = BaseCheckpoint(paths[0])
+    try:
+        for p in paths:
+            inp = open_input(p)
+            try:
+                if not isinstance(inp, FullInput):
+                    raise ConfigError(f"{method} averages full models; {p!r} is a delta — merge it into its base first")
+                inp.validate(reference)
+            finally:
+                inp.close()
+        return list(reference.tensors.keys())
+    finally:
+        reference.tensors.close()
