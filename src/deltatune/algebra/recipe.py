@@ -19,14 +19,12 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import pydantic
-import yaml
 from pydantic import Field, model_validator
 
 from deltatune.algebra.ops import MODEL_OPS, OPS, list_ops
-from deltatune.core.config import StrictConfig, format_validation_error
-from deltatune.train.config import _key_lines, _line_for
-from deltatune.utils.errors import ConfigError, did_you_mean
+from deltatune.core.config import StrictConfig
+from deltatune.core.recipe_file import read_recipe_file, validate_recipe
+from deltatune.utils.errors import did_you_mean
 
 MODEL_LEVEL = ("greedy_soup",)  # handled by the engine itself, next to MODEL_OPS registered by other modules
 
@@ -136,26 +134,10 @@ class MergeRecipe(StrictConfig):
 
 
 def parse_recipe(data: dict, source: str = "<recipe>", lines: dict | None = None) -> MergeRecipe:
-    try:
-        return MergeRecipe.model_validate(data)
-    except pydantic.ValidationError as err:
-        line = _line_for(lines or {}, err.errors()[0]["loc"])
-        where = f"{source}:{line}" if line else source
-        raise ConfigError(f"{where}: {format_validation_error(err, MergeRecipe)}") from None
+    return validate_recipe(MergeRecipe, data, source, lines or {})
 
 
 def load_merge_recipe(path: str | Path) -> MergeRecipe:
     """Read and validate a merge recipe; relative paths in it stay relative to the working directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"merge recipe {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text) or {}
-        node = yaml.compose(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with base, inputs, method, output at the top level")
-    return parse_recipe(data, str(path), _key_lines(node) if node is not None else {})
+    data, lines = read_recipe_file(path, "merge recipe", "base, inputs, method, output")
+    return parse_recipe(data, str(path), lines)

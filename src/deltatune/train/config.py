@@ -9,11 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import pydantic
+import copy
+
 import yaml
 from pydantic import Field, model_validator
 
-from deltatune.core.config import StrictConfig, format_validation_error
+from deltatune.core.config import StrictConfig
+from deltatune.core.recipe_file import apply_overrides, at, read_recipe_file, validate_recipe
+from deltatune.core.recipe_file import key_lines as _key_lines  # noqa: F401  (select/config.py imports these names)
+from deltatune.core.recipe_file import line_for as _line_for  # noqa: F401
 from deltatune.core.registry import parse_delta_config
 from deltatune.data.config import DataConfig
 from deltatune.utils.errors import ConfigError
@@ -151,86 +155,20 @@ class TrainRecipe(StrictConfig):
         return Path(self.output.dir) / self.output.name
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["optim.lr=1e-4", "delta.r=8"]`` applied to a nested dict (values parsed as YAML)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = node[part]
-        node[parts[-1]] = value
-    return data
-
-
-def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
-    """Dotted key path → 1-based line number, from a composed YAML node tree."""
-    lines: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = prefix + (key_node.value,)
-            lines[path] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, path))
-    return lines
-
-
 def load_recipe(path: str | Path | None, overrides: list[str] = (), default: dict[str, Any] | None = None) -> TrainRecipe:
     """Read, override and validate a recipe; ``path=None`` uses ``default`` (the built-in job)."""
-    lines: dict[tuple, int] = {}
-    source = "<built-in recipe>"
     if path is None:
-        data = dict(default or {})
+        data, lines, source = dict(default or {}), {}, "<built-in recipe>"
     else:
-        path = Path(path)
+        data, lines = read_recipe_file(path, "recipe", "model, delta, data, …")
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {source!r} does not exist")
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = yaml.safe_load(text) or {}
-            node = yaml.compose(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{source}:{mark.line + 1}" if mark else source
-            raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections (model, delta, data, …) at the top level")
-        lines = _key_lines(node) if node is not None else {}
-    import copy
-
     data = apply_overrides(copy.deepcopy(data), list(overrides))
-    try:
-        recipe = TrainRecipe.model_validate(data)
-    except pydantic.ValidationError as err:
-        first = err.errors()[0]["loc"]
-        line = _line_for(lines, first)
-        where = f"{source}:{line}" if line else source
-        raise ConfigError(f"{where}: {format_validation_error(err, TrainRecipe)}") from None
+    recipe = validate_recipe(TrainRecipe, data, source, lines)
     try:
         recipe.delta_config()
     except ConfigError as err:
-        line = lines.get(("delta",))
-        raise ConfigError(f"{source}:{line}: {err}" if line else f"{source}: {err}") from None
+        raise ConfigError(f"{at(source, lines, ('delta',))}: {err}") from None
     return recipe
-
-
-def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
-    loc = tuple(str(p) for p in loc)
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return None
 
 
 def recipe_to_yaml(recipe: TrainRecipe) -> str:
