@@ -37,7 +37,7 @@ def batches(tokenizer, steps: int):
     return torch.tensor(ids).view(steps, BATCH, SEQ)
 
 
-def worker(kind: str, steps: int, init_dir: str, bf16: bool, threads: int, tuned_malloc: bool) -> dict:
+def worker(kind: str, steps: int, init_dir: str, bf16: bool, threads: int, tuned_malloc: bool, compile: bool = False) -> dict:
     import torch
 
     from deltatune.utils.memory import tune_allocator
@@ -71,6 +71,8 @@ def worker(kind: str, steps: int, init_dir: str, bf16: bool, threads: int, tuned
         model.set_trainable(["default"])
         model.train()
         objective = CausalLMObjective(model, chunk_size=512)
+        if compile:  # what `train.compile: true` does in the trainer
+            objective = torch.compile(objective)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, OptimConfig(lr=LR, max_grad_norm=None))
 
@@ -87,7 +89,9 @@ def worker(kind: str, steps: int, init_dir: str, bf16: bool, threads: int, tuned
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    timed = times[1:] or times  # the first step pays one-time allocation costs
+    # The first step pays one-time allocation costs (and, compiled, the compilation: two steps).
+    skip = 2 if compile else 1
+    timed = times[skip:] or times
     return {"kind": kind, "bf16": bf16, "losses": losses, "tokens_per_s": BATCH * SEQ * len(timed) / sum(timed),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "trainable": sum(p.numel() for p in params)}
@@ -112,10 +116,11 @@ def train_flops_per_token(n_params_matmul: int) -> float:
     return 4 * n_params_matmul
 
 
-def run_one(kind, steps, init_dir, bf16, threads, tuned_malloc=None) -> dict:
+def run_one(kind, steps, init_dir, bf16, threads, tuned_malloc=None, compile=False) -> dict:
     tuned_malloc = kind == "deltatune" if tuned_malloc is None else tuned_malloc
     out = subprocess.run([sys.executable, __file__, "--worker", kind, "--steps", str(steps), "--init", init_dir,
-                          "--threads", str(threads)] + (["--bf16"] if bf16 else []) + (["--tuned-malloc"] if tuned_malloc else []),
+                          "--threads", str(threads)] + (["--bf16"] if bf16 else []) + (["--tuned-malloc"] if tuned_malloc else [])
+                         + (["--compile"] if compile else []),
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
@@ -131,9 +136,11 @@ def main() -> None:
     parser.add_argument("--init")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--tuned-malloc", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also run deltatune with torch.compile (train.compile: true)")
+    parser.add_argument("--only-fp32", action="store_true", help="skip the PEFT + tuned malloc configuration")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.init, args.bf16, args.threads, args.tuned_malloc)))
+        print(json.dumps(worker(args.worker, args.steps, args.init, args.bf16, args.threads, args.tuned_malloc, args.compile)))
         return
 
     import torch
@@ -154,8 +161,11 @@ def main() -> None:
     results = {
         "peft fp32": run_one("peft", args.steps, init_dir, False, args.threads),
         "deltatune fp32": run_one("deltatune", args.steps, init_dir, False, args.threads),
-        "peft fp32 + tuned malloc": run_one("peft", args.steps, init_dir, False, args.threads, tuned_malloc=True),
     }
+    if not args.only_fp32:
+        results["peft fp32 + tuned malloc"] = run_one("peft", args.steps, init_dir, False, args.threads, tuned_malloc=True)
+    if args.compile:
+        results["deltatune fp32 compiled"] = run_one("deltatune", args.steps + 1, init_dir, False, args.threads, compile=True)
     if args.bf16_steps:
         results["deltatune bf16"] = run_one("deltatune", args.bf16_steps, init_dir, True, args.threads)
         results["deltatune fp32 (long)"] = run_one("deltatune", args.bf16_steps, init_dir, False, args.threads)
@@ -171,6 +181,9 @@ def main() -> None:
     print(f"\nloss, first {args.steps} steps: max |deltatune - PEFT| = {max(diffs):.2e}")
     print("  peft     :", " ".join(f"{x:.4f}" for x in results["peft fp32"]["losses"]))
     print("  deltatune:", " ".join(f"{x:.4f}" for x in results["deltatune fp32"]["losses"]))
+    if args.compile:
+        c = results["deltatune fp32 compiled"]["losses"]
+        print(f"compiled vs eager, first {args.steps} steps: max |difference| = {max(abs(x - y) for x, y in zip(c, results['deltatune fp32']['losses'])):.2e}")
     if args.bf16_steps:
         a, b = results["deltatune bf16"]["losses"], results["deltatune fp32 (long)"]["losses"]
         rel = max(abs(x - y) / y for x, y in zip(a, b))
