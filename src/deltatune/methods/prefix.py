@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.core.method import Capabilities, DeltaBranch
+from deltatune.core.method import DeltaBranch
 from deltatune.core.registry import register
 from deltatune.methods.virtual_tokens import (
     VirtualTokenConfig,
@@ -145,10 +145,6 @@ class PrefixBranch(DeltaBranch):
 class PrefixTuningMethod(VirtualTokenMethod):
     name = "prefix_tuning"
     config_class = PrefixTuningConfig
-    capabilities = Capabilities(mergeable=False, unchanged_at_init=False)
-    branch_keys = ("prompt_embeddings",)
-    unprefixed_keys = ("prompt_embeddings",)
-    file_prefix = "base_model."
     peft_type = "PREFIX_TUNING"
 
     def can_wrap(self, module: nn.Module) -> bool:

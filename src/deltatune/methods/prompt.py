@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from deltatune.core.method import Capabilities, DeltaBranch
+from deltatune.core.method import DeltaBranch
 from deltatune.core.registry import register
 from deltatune.methods.virtual_tokens import (
     VirtualTokenConfig,
@@ -97,10 +97,6 @@ class PromptBranch(DeltaBranch):
 class PromptTuningMethod(VirtualTokenMethod):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
-    capabilities = Capabilities(mergeable=False, unchanged_at_init=False)
-    branch_keys = ("prompt_embeddings",)
-    unprefixed_keys = ("prompt_embeddings",)
-    file_prefix = "base_model."
     peft_type = "PROMPT_TUNING"
 
     def make_branch(self, module_name: str, module: nn.Module, config: PromptTuningConfig) -> PromptBranch:

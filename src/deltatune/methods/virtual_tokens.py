@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from deltatune.core.config import DeltaConfig
-from deltatune.core.method import DeltaMethod
+from deltatune.core.method import Capabilities, DeltaMethod
 from deltatune.utils.errors import TargetError
 
 
@@ -86,6 +86,11 @@ class VirtualTokenMethod(DeltaMethod):
     """Shared target logic: the one target is the backbone (``targets`` may name it explicitly)."""
 
     target_kind = "the model's backbone (e.g. 'model' for llama, 'bert' for BERT)"
+    # Both store one [V, ·] table as PEFT's prompt learning does: top-level key, "base_model." prefix.
+    capabilities = Capabilities(mergeable=False, unchanged_at_init=False)
+    branch_keys = ("prompt_embeddings",)
+    unprefixed_keys = ("prompt_embeddings",)
+    file_prefix = "base_model."
 
     def resolve_targets(self, model: nn.Module, config: DeltaConfig) -> str | list[str]:
         return config.targets if config.targets is not None else [backbone_name(model)]
