@@ -24,7 +24,9 @@ from pydantic import Field, field_validator
 
 from deltatune.core.config import StrictConfig, format_validation_error
 from deltatune.data.config import CANONICAL_FIELDS, Format
-from deltatune.train.config import _key_lines, _line_for, apply_overrides
+from deltatune.core.recipe_file import apply_overrides
+from deltatune.core.recipe_file import key_lines as _key_lines
+from deltatune.core.recipe_file import line_for as _line_for
 from deltatune.utils.errors import ConfigError, did_you_mean
 
 
