@@ -18,15 +18,11 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import pydantic
-import yaml
 from pydantic import Field, field_validator
 
-from deltatune.core.config import StrictConfig, format_validation_error
+from deltatune.core.config import StrictConfig
 from deltatune.data.config import CANONICAL_FIELDS, Format
-from deltatune.core.recipe_file import apply_overrides
-from deltatune.core.recipe_file import key_lines as _key_lines
-from deltatune.core.recipe_file import line_for as _line_for
+from deltatune.core.recipe_file import apply_overrides, read_recipe_file, validate_recipe
 from deltatune.utils.errors import ConfigError, did_you_mean
 
 
@@ -111,38 +107,16 @@ class SelectRecipe(StrictConfig):
 
 def load_select_recipe(path: str | Path, overrides: list[str] = ()) -> SelectRecipe:
     """Read, override and validate a selection recipe (strategy options included)."""
-    path = Path(path)
-    source = str(path)
-    if not path.is_file():
-        raise ConfigError(f"selection recipe {source!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{source}: not valid UTF-8 ({err.reason})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-        node = yaml.compose(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping (strategy, pool, budget, output, …) at the top level")
-    lines = _key_lines(node) if node is not None else {}
+    data, lines = read_recipe_file(path, "selection recipe", "strategy, pool, budget, output, …")
     data = apply_overrides(copy.deepcopy(data), list(overrides))
     if isinstance(data.get("strategy"), str):  # `strategy: dedup` is short for `strategy: {name: dedup}`
         data["strategy"] = {"name": data["strategy"]}
-    return validate_select_recipe(data, source, lines)
+    return validate_select_recipe(data, str(path), lines)
 
 
 def validate_select_recipe(data: dict[str, Any], source: str = "<recipe>", lines: dict[tuple, int] | None = None) -> SelectRecipe:
     lines = lines or {}
-    try:
-        recipe = SelectRecipe.model_validate(data)
-    except pydantic.ValidationError as err:
-        line = _line_for(lines, err.errors()[0]["loc"])
-        where = f"{source}:{line}" if line else source
-        raise ConfigError(f"{where}: {format_validation_error(err, SelectRecipe)}") from None
+    recipe = validate_recipe(SelectRecipe, data, source, lines)
     try:
         recipe.strategy_config()
     except ConfigError as err:

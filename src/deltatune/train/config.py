@@ -16,8 +16,6 @@ from pydantic import Field, model_validator
 
 from deltatune.core.config import StrictConfig
 from deltatune.core.recipe_file import apply_overrides, at, read_recipe_file, validate_recipe
-from deltatune.core.recipe_file import key_lines as _key_lines  # noqa: F401  (select/config.py imports these names)
-from deltatune.core.recipe_file import line_for as _line_for  # noqa: F401
 from deltatune.core.registry import parse_delta_config
 from deltatune.data.config import DataConfig
 from deltatune.utils.errors import ConfigError
