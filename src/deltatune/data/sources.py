@@ -75,15 +75,29 @@ def read_records(
 
 # ---------------------------------------------------------------- line-based text files
 
+def not_utf8_error(path: Path) -> DataError:
+    """The error for a file that failed to decode, at the first line that is not UTF-8.
+
+    Text readers decode in buffered chunks, so their UnicodeDecodeError can point at an earlier
+    line; the bytes are re-read line by line to name the right one (only on this error path).
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8")
+    return DataError(f"{path}: not valid UTF-8; save the file as UTF-8")
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its newline); ``utf-8-sig`` drops a leading BOM."""
-    lineno = 0
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             for lineno, line in enumerate(f, start=1):
                 yield lineno, line.rstrip("\r\n")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}:{lineno + 1}: not valid UTF-8 ({err.reason}); save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
@@ -154,8 +168,8 @@ def _quoted_rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str] | 
                     raise DataError(f"{path}:{reader.line_num}: unreadable CSV row ({err}); try quoting: none") from None
                 yield start, (row if any(c.strip() for c in row) else None)
                 start = reader.line_num + 1
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 ({err.reason}); save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
 
 
 # ---------------------------------------------------------------- JSON list
@@ -164,8 +178,8 @@ def _read_json(path: Path) -> Iterator[Record]:
     """A top-level list of objects, decoded one element at a time so each gets its line number."""
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 ({err.reason}); save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
     decoder = json.JSONDecoder()
     n = len(text)
     line, counted = 1, 0  # line number of position `counted`, advanced lazily

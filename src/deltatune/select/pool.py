@@ -8,7 +8,6 @@ embedded), ``prompt`` and ``response`` (instruction / chat data, for likelihood 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from deltatune.data.formats import detect_format, field_name
@@ -42,28 +41,10 @@ class Pool:
         return [item.text for item in self.items]
 
 
-LINE_FILES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
-
-
-def check_utf8(path: Path) -> None:
-    """DataError at the first line of ``path`` that is not UTF-8, with that line's number.
-
-    The text readers decode in buffered chunks, so a decode error there can point at an
-    earlier line; bytes are checked line by line here first (a few MB/s is plenty for pools).
-    """
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8") from None
 
 
 def read_pool(source: SourceSection, role: str = "pool") -> Pool:
     """All records of ``source`` as items; raises DataError (file:line) on the first bad record."""
-    path = Path(source.path)
-    if path.is_file() and path.suffix.lower() in LINE_FILES:
-        check_utf8(path)
     records = read_records(source.path, split=source.split, subset=source.subset, header=source.header,
                            column_names=source.column_names, quoting=source.quoting)
     columns = dict(source.columns)

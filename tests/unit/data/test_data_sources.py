@@ -112,3 +112,16 @@ def test_hf_save_to_disk_dataset_dict(tmp_path):
     assert [(r.data, r.origin) for r in records] == [({"text": "c"}, f"{tmp_path / 'ds'}[validation]:row 0")]
     with pytest.raises(DataError, match=r"no split 'tran' \(did you mean 'train'\?\)"):
         read_records(tmp_path / "ds", split="tran")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".tsv", ".json"])
+def test_non_utf8_byte_is_reported_at_its_line(tmp_path, suffix):
+    """A bad byte far into a file (past the readers' decode buffer) is reported at its own line."""
+    f = tmp_path / f"data{suffix}"
+    good = {".jsonl": b'{"text": "fine"}\n', ".tsv": b"fine\t1\n", ".json": b' {"text": "fine"},\n'}[suffix]
+    head = b"[\n" if suffix == ".json" else (b"text\tlabel\n" if suffix == ".tsv" else b"")
+    bad_line = good.replace(b"fine", b"caf\xe9")
+    f.write_bytes(head + good * 3000 + bad_line + good * 10 + (b' {"text": "end"}\n]\n' if suffix == ".json" else b""))
+    expected = head.count(b"\n") + 3001
+    with pytest.raises(DataError, match=rf"data\{suffix}:{expected}: not valid UTF-8 \(byte 0xe9 at column"):
+        list(read_records(f))
