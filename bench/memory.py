@@ -37,6 +37,8 @@ DATA = ROOT.parent / "shared" / "data" / "alpaca_en_demo" / "alpaca_en_demo.json
 RUNS: dict[str, dict] = {
     "adamw": {"name": "adamw", "lr": 2e-5},
     "galore": {"name": "galore", "lr": 1e-4, "galore": {"rank": 64, "update_gap": 200, "scale": 0.25}},
+    # GaLore's per-layer update: gradients freed inside backward, so only the state is full model-sized no more
+    "galore_layerwise": {"name": "galore", "lr": 1e-4, "galore": {"rank": 64, "update_gap": 200, "scale": 0.25, "layerwise": True}},
     "lisa": {"name": "lisa", "lr": 2e-5, "lisa": {"layers": 2, "interval": 5}},
     "lomo": {"name": "lomo", "lr": 1e-3, "max_grad_norm": 1.0},
     "adalomo": {"name": "adalomo", "lr": 1e-3},
@@ -205,7 +207,7 @@ def table(results: list[dict]) -> str:
     rows = ["| optimizer | peak RSS (MB) | vs AdamW | vs inference | optimizer state (MB) | state vs AdamW | tokens/s | loss start → end |",
             "|---|---|---|---|---|---|---|---|"]
     for name in ["inference", *RUNS]:
-        r = by.get(name)
+        r = by.get(name)  # the last result of a name counts
         if r is None:
             continue
         vs_adamw = f"{r['peak_rss_mb'] / adamw['peak_rss_mb']:.2f}x" if adamw else "–"
@@ -228,17 +230,23 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--table", nargs="+", help="print the table of these result JSON files (of separate runs) and exit")
     args = parser.parse_args()
     if args.worker:
         args.optimizer = args.worker
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
+    if args.table:
+        print(table([r for f in args.table for r in json.loads(Path(f).read_text())]))
+        return
     if not DATA.is_file():
         sys.exit(f"missing {DATA}")
-    results = [run_one(name, args) for name in (args.only or ["inference", *RUNS])]
+    results = []
+    for name in args.only or ["inference", *RUNS]:
+        results.append(run_one(name, args))
+        if args.out:  # after every run: a long benchmark cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
