@@ -52,7 +52,8 @@ def run_one(impl: str, method: str, args) -> dict | None:
     config, lr = DELTATUNE_RUNS[method]
     python = str(PEERS_PYTHON) if impl == "adapters" else sys.executable
     cmd = [python, str(WORKER), "--impl", impl, "--method", method, "--lr", str(lr), "--steps", str(args.steps),
-           "--train-examples", str(args.train_examples), "--eval-examples", str(args.eval_examples), "--data", args.data]
+           "--train-examples", str(args.train_examples), "--eval-examples", str(args.eval_examples), "--data", args.data,
+           "--threads", str(args.threads)]
     if impl == "deltatune" and config is not None:
         cmd += ["--config", json.dumps(config)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="method names (default: all)")
     parser.add_argument("--peers", nargs="*", default=["peft", "adapters"])
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1: examples/s comparable)")
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
@@ -134,16 +137,20 @@ def main() -> None:
     peers = [p for p in args.peers if p != "adapters" or PEERS_PYTHON.exists()]
     if "adapters" in args.peers and "adapters" not in peers:
         print("AdapterHub skipped: .venv-peers is missing (make peers)")
-    results = []
+    runs = []
     for method in methods:
         config, _ = DELTATUNE_RUNS[method]
         if config is not None and config["method"] not in registered:
             print(f"  deltatune/{method}: skipped, method {config['method']!r} is not registered")
             continue
-        results.append(run_one("deltatune", method, args))
-        for peer in peers:
-            if method in PEER_RUNS[peer]:
-                results.append(run_one(peer, method, args))
+        runs.append(("deltatune", method))
+        runs += [(peer, method) for peer in peers if method in PEER_RUNS[peer]]
+    # --jobs > 1 runs several processes at once: faster on a shared machine, but then examples/s
+    # are only comparable within one run of the script, not to a quiet machine.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda run: run_one(run[0], run[1], args), runs))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
