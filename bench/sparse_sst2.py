@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from sst2_worker import collate  # same padding as bench/methods_sst2.py's runs (bench/ is on sys.path)
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -45,16 +47,6 @@ def read_tsv(path: Path, limit: int, text="sentence", label="label", header=True
 def encode(tokenizer, rows, max_length):
     ids = tokenizer([s for s, _ in rows], truncation=True, max_length=max_length)["input_ids"]
     return list(zip(ids, [y for _, y in rows]))
-
-
-def collate(rows, pad_id):
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, _) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-    return input_ids, mask, torch.tensor([y for _, y in rows])
 
 
 def train(model, params, data, args, lr, pad_id, seed) -> dict:
