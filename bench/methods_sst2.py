@@ -32,7 +32,8 @@ DELTATUNE_RUNS: dict[str, tuple[dict | None, float]] = {
     "lora_incremental": ({"method": "lora", "r": 16, "alpha": 32, "targets": "all-linear", "rank_allocation": "incremental"}, 1e-3),
     "bottleneck": ({"method": "bottleneck", "placement": "sequential"}, 1e-3),
     "bottleneck_parallel": ({"method": "bottleneck", "placement": "parallel"}, 1e-3),
-    "compacter": ({"method": "compacter"}, 3e-3),
+    # size 12 = AdapterHub's CompacterConfig default (reduction factor 32 of MiniLM's 384).
+    "compacter": ({"method": "compacter", "size": 12}, 3e-3),
     "prefix_tuning": ({"method": "prefix_tuning", "num_virtual_tokens": 20}, 1e-2),
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 20}, 3e-2),
     "ia3": ({"method": "ia3"}, 3e-3),
