@@ -85,3 +85,13 @@ def test_bad_peft_config_is_a_clear_error(tiny_llama, tmp_path):
     (tmp_path / "d" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(DeltaFileError, match=r"adapter_config.json: invalid LORA config \(KeyError: 'r'\)"):
         deltatune.load_delta(tiny_llama, tmp_path / "d")
+
+
+def test_default_targets_give_way_to_modules_to_save(tiny_bert_cls):
+    """BitFit's defaults (every module with a bias) include the classifier; with the classifier in
+    modules_to_save it is trained in full instead of refusing the attach (explicit targets still refuse)."""
+    model = deltatune.attach(tiny_bert_cls, {"method": "bitfit", "modules_to_save": ["classifier"]})
+    targets = model.delta_targets["default"]
+    assert "classifier" in targets and "bert.pooler.dense" in targets
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".classifier." in n for n in trainable) and any(".pooler." in n for n in trainable)

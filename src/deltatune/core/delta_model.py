@@ -73,7 +73,12 @@ class DeltaModel(nn.Module):
         )
         saved = select_targets(self.base_model, config.modules_to_save, (), lambda m: True) if config.modules_to_save else []
         overlap = [t for t in targets for m in saved if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
-        if overlap:
+        if overlap and config.targets is None:
+            # Method defaults (BitFit: every module with a bias) give way to modules trained in full.
+            targets = [t for t in targets if t not in overlap]
+            if not targets:
+                raise ConfigError(f"method {config.method!r}: every default target is inside modules_to_save {list(config.modules_to_save)}; set targets")
+        elif overlap:
             raise ConfigError(f"module {overlap[0]!r} is a target and also in (or contains) a module in modules_to_save")
         installed: list[str] = []
         try:
