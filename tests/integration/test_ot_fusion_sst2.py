@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.algebra.ot_fusion import _apply, neuron_groups, ot_fuse
+from deltatune.algebra.ot_fusion import ot_fuse, relabelled
 
 SST2 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sst2"
 STEPS = int(os.environ.get("DELTATUNE_OT_STEPS", "30"))
@@ -67,16 +67,7 @@ def accuracy(model, rows, tokenizer) -> float:
 
 def relabel(model, seed: int):
     """A copy of ``model`` with the hidden units of every FFN block and attention layer permuted (same function)."""
-    import copy
-
-    g = torch.Generator().manual_seed(seed)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for group in neuron_groups(model, heads=True):
-        n = state[f"{group.inputs[0]}.weight"].shape[0] // group.block
-        _apply(state, group, torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=g)])
-    out = copy.deepcopy(model)
-    out.load_state_dict(state)
-    return out
+    return relabelled(model, seed, heads=True)
 
 
 def average(models):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import deltatune
-from deltatune.algebra.ot_fusion import _apply, align_to, neuron_groups, ot_fuse, ot_fuse_model
+from deltatune.algebra.ot_fusion import align_to, neuron_groups, ot_fuse, ot_fuse_model, relabelled
 from deltatune.utils.errors import ConfigError, ShapeMismatchError
 from tests.helpers import tiny_bert_config, tiny_llama_config
 
@@ -20,14 +20,7 @@ def mlp(seed: int) -> nn.Sequential:
 
 def permuted(model: nn.Module, seed: int, heads: bool = False) -> nn.Module:
     """The same function with every alignable group's units permuted."""
-    g = torch.Generator().manual_seed(seed)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for group in neuron_groups(model, heads=heads):
-        n = state[f"{group.inputs[0]}.weight"].shape[0] // group.block
-        _apply(state, group, torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=g)])
-    out = copy.deepcopy(model)
-    out.load_state_dict(state)
-    return out
+    return relabelled(model, seed, heads)
 
 
 def test_groups_found_by_structure(tiny_llama, tiny_bert_cls):

@@ -170,6 +170,19 @@ def align_to(reference: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
     return aligned, maps
 
 
+def relabelled(model: nn.Module, seed: int, heads: bool = False) -> nn.Module:
+    """A copy of ``model`` computing the same function with every alignable group's units in a
+    random order — the case OT fusion exists for (and what its tests and demos fuse against)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for group in neuron_groups(model, heads=heads):
+        n = state[f"{group.inputs[0]}.weight"].shape[0] // group.block
+        _apply(state, group, torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=g)])
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
+
+
 def ot_fuse(models: list[nn.Module], weights: list[float] | None = None, heads: bool = False, reference: int = 0) -> dict[str, torch.Tensor]:
     """Align every model's hidden units to ``models[reference]`` and return the weighted average state dict.
 
