@@ -108,16 +108,26 @@ def read_delta_config(path: str | Path) -> DeltaConfig:
         raise DeltaFileError(f"{path}: no {CONFIG_FILE} or {DELTATUNE_FILE}; this is not a delta directory")
     data = _read_json(peft)
     peft_type = data.get("peft_type")
+    method = _peft_reader(peft_type, peft)
+    try:
+        return method.from_peft_config(data, str(peft))
+    except DeltaFileError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        raise DeltaFileError(f"{peft}: invalid {peft_type} config ({one_line(err)})") from None
+
+
+def _peft_reader(peft_type: Any, source: Path):
+    """The method that reads PEFT files of ``peft_type``: its own ``peft_type``, or one it lists in
+    ``peft_imports`` (LoRA reads AdaLoRA files, converting them in ``from_peft_tensors``)."""
+    readable: set[str] = set()
     for method_name in list_methods():
         method = get_method(method_name)
-        if method.peft_type is not None and method.peft_type == peft_type:
-            try:
-                return method.from_peft_config(data, str(peft))
-            except DeltaFileError:
-                raise
-            except (KeyError, TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
-                raise DeltaFileError(f"{peft}: invalid {peft_type} config ({one_line(err)})") from None
-    raise DeltaFileError(f"{peft}: PEFT type {peft_type!r} is not supported; deltatune reads {sorted(get_method(m).peft_type for m in list_methods() if get_method(m).peft_type)}")
+        types = ((method.peft_type,) if method.peft_type else ()) + tuple(getattr(method, "peft_imports", ()))
+        if peft_type in types:
+            return method
+        readable.update(types)
+    raise DeltaFileError(f"{source}: PEFT type {peft_type!r} is not supported; deltatune reads {sorted(readable)}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -131,7 +141,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def read_delta_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """``{logical key: tensor}`` from the delta's safetensors file (never a pickle)."""
+    """``{logical key: tensor}`` from the delta's safetensors file (never a pickle). Files of a PEFT
+    type that deltatune reads as another method's (AdaLoRA → LoRA) come back converted."""
     path = Path(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -139,9 +150,16 @@ def read_delta_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise DeltaFileError(f"{path}: missing {WEIGHTS_FILE}{hint}")
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return {from_file_key(k): f.get_tensor(k) for k in f.keys()}
+            tensors = {from_file_key(k): f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise DeltaFileError(f"{weights}: not a readable safetensors file ({one_line(err)})") from None
+    peft = path / CONFIG_FILE
+    if not (path / DELTATUNE_FILE).is_file() and peft.is_file():  # PEFT's own file: maybe another format (AdaLoRA)
+        data = _read_json(peft)
+        convert = getattr(_peft_reader(data.get("peft_type"), peft), "from_peft_tensors", None)
+        if convert is not None:
+            tensors = convert(data, tensors, str(weights))
+    return tensors
 
 
 def split_key(key: str, branch_keys: tuple[str, ...], full_copy_patterns: list[str], logical: set[str]) -> tuple[str, str]:

@@ -7,9 +7,14 @@ For ``W ∈ R^{out×in}`` LoRA learns ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}`` 
 so ``ΔW = s · B A``. With the default init (A random, B = 0) the model is unchanged at attach
 time. Files use PEFT's names: ``<module>.lora_A.weight`` [r, in], ``<module>.lora_B.weight`` [out, r].
 
+``rank_pattern`` gives single modules another rank ``r_m`` (A [r_m, in], B [out, r_m]) while the
+scale stays ``s`` for every module; PEFT files get PEFT's ``rank_pattern`` plus the
+``alpha_pattern`` that keeps PEFT's per-module scale equal to ``s``.
+
 Options live in their own modules: ``init: pissa`` (A, B from the top-r SVD of W, see
-:mod:`deltatune.methods.lora_init`) and ``rank_allocation: incremental`` (IncreLoRA-style rank
-growth under a budget, see :mod:`deltatune.methods.lora_rank`).
+:mod:`deltatune.methods.lora_init`), ``rank_allocation: incremental`` (IncreLoRA-style rank
+growth under a budget, see :mod:`deltatune.methods.lora_rank`); PEFT AdaLoRA files load as LoRA
+with per-module ranks (:mod:`deltatune.methods.lora_adalora`).
 """
 from __future__ import annotations
 
@@ -34,7 +39,10 @@ class LoraConfig(DeltaConfig):
     ``rank_allocation: incremental`` pre-allocates rank ``r`` per module, starts with ``initial_r``
     active ranks and every ``grow_every`` steps gives one more rank to the ``grow_count`` modules
     with the highest importance, until the active ranks of all modules sum to ``total_r``
-    (default: half of the pre-allocated ranks). ``importance_beta``: EMA factor of the score."""
+    (default: half of the pre-allocated ranks). ``importance_beta``: EMA factor of the score.
+
+    ``rank_pattern``: ``{module pattern: rank}`` (targets syntax; the first matching pattern wins),
+    the rank of the matched modules instead of ``r``. The scale stays alpha/r (alpha/√r) everywhere."""
 
     method: Literal["lora"] = "lora"
     r: int = Field(8, gt=0)
@@ -49,6 +57,7 @@ class LoraConfig(DeltaConfig):
     grow_every: int = Field(10, gt=0)
     grow_count: int = Field(1, gt=0)
     importance_beta: float = Field(0.85, ge=0.0, lt=1.0)
+    rank_pattern: dict[str, int] = {}
 
     @model_validator(mode="after")
     def _check_options(self) -> "LoraConfig":
@@ -62,7 +71,19 @@ class LoraConfig(DeltaConfig):
                 raise ValueError(f"initial_r ({self.initial_r}) must be at most r ({self.r}), the rank pre-allocated per module")
             if self.init == "pissa":
                 raise ValueError("init: pissa fixes the rank to the top-r singular directions; use it with rank_allocation: fixed")
+        bad = {k: v for k, v in self.rank_pattern.items() if not (isinstance(v, int) and v > 0)}
+        if bad:
+            key = next(iter(bad))
+            raise ValueError(f"rank_pattern[{key!r}] = {bad[key]!r}: ranks must be positive integers (leave a module out of targets to give it none)")
+        if self.rank_pattern and (self.rank_allocation != "fixed" or self.init == "pissa"):
+            raise ValueError("rank_pattern is only supported with init: kaiming/gaussian and rank_allocation: fixed")
         return self
+
+    def rank_for(self, module: str) -> int:
+        """The rank of ``module``: the first ``rank_pattern`` entry matching it, else ``r``."""
+        from deltatune.core.targets import matches
+
+        return next((rank for pattern, rank in self.rank_pattern.items() if matches(pattern, module)), self.r)
 
     @property
     def scaling(self) -> float:
@@ -70,16 +91,17 @@ class LoraConfig(DeltaConfig):
 
 
 class LoraBranch(DeltaBranch):
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig):
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, rank: int | None = None):
         super().__init__()
-        self.lora_A = nn.Linear(in_features, config.r, bias=False)
-        self.lora_B = nn.Linear(config.r, out_features, bias=False)
+        rank = config.r if rank is None else rank
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_features, bias=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling
         if config.init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         else:
-            nn.init.normal_(self.lora_A.weight, std=1.0 / config.r)
+            nn.init.normal_(self.lora_A.weight, std=1.0 / rank)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -103,6 +125,8 @@ class LoraMethod(DeltaMethod):
     default_targets = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "*": "all-linear"}
     branch_keys = ("lora_A.weight", "lora_B.weight", "lora_rank_mask")
     peft_type = "LORA"
+    # Other PEFT types whose files load as LoRA (from_peft_config / from_peft_tensors convert them).
+    peft_imports = ("ADALORA",)
 
     def resolve_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
         if config.rank_allocation == "incremental":
@@ -122,7 +146,7 @@ class LoraMethod(DeltaMethod):
             from deltatune.methods.lora_rank import IncrementalLoraBranch
 
             return IncrementalLoraBranch(module.in_features, module.out_features, config).to(dtype=dtype)
-        return LoraBranch(module.in_features, module.out_features, config).to(dtype=dtype)
+        return LoraBranch(module.in_features, module.out_features, config, config.rank_for(module_name)).to(dtype=dtype)
 
     def on_train_step(self, branches: dict[str, DeltaBranch], config: LoraConfig, step: int) -> None:
         if config.rank_allocation == "incremental":
@@ -131,6 +155,9 @@ class LoraMethod(DeltaMethod):
             grow_ranks(branches, config, step)
 
     def to_peft_config(self, config: LoraConfig, target_patterns: list[str], target_names: list[str]) -> dict[str, Any]:
+        # PEFT scales a module of rank r_m by alpha_m / r_m (alpha_m / √r_m): alpha_m keeps it at ours.
+        ranks = {name: config.rank_for(name) for name in target_names if config.rank_for(name) != config.r}
+        alphas = {name: config.alpha * (math.sqrt(r_m / config.r) if config.rslora else r_m / config.r) for name, r_m in ranks.items()}
         return {
             "peft_type": "LORA",
             "r": config.r,
@@ -143,14 +170,18 @@ class LoraMethod(DeltaMethod):
             # PEFT re-runs the SVD of the (original) base weights when it loads a "pissa" adapter.
             "init_lora_weights": "pissa" if config.init == "pissa" else True,
             "use_dora": False,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "rank_pattern": ranks,
+            "alpha_pattern": alphas,
             "modules_to_save": config.modules_to_save or None,
             "layers_to_transform": None,
             "layers_pattern": None,
         }
 
     def from_peft_config(self, peft_config: dict[str, Any], source: str) -> LoraConfig:
+        if peft_config.get("peft_type") == "ADALORA":
+            from deltatune.methods.lora_adalora import adalora_lora_config
+
+            return adalora_lora_config(peft_config, source)
         unsupported = {
             "use_dora": (False, None),
             "fan_in_fan_out": (False, None),
@@ -175,3 +206,11 @@ class LoraMethod(DeltaMethod):
             targets=targets if isinstance(targets, list) or targets is None else ("re:" + targets if targets != "all-linear" else targets),
             modules_to_save=list(peft_config.get("modules_to_save") or []),
         )
+
+    def from_peft_tensors(self, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """A PEFT file's tensors (keys without the file prefix) → this method's; LoRA's are used as they are."""
+        if peft_config.get("peft_type") == "ADALORA":
+            from deltatune.methods.lora_adalora import adalora_lora_tensors
+
+            return adalora_lora_tensors(peft_config, tensors, source)
+        return tensors
