@@ -59,7 +59,8 @@ def merge_lora_adapters(recipe, plan) -> dict:
     mode = recipe.lora.mode if recipe.lora is not None else "concat"
     modules = list(dict.fromkeys(m for i in inputs for m in i.modules))
     scalings = [i.config.scaling for i in inputs]
-    ranks = [i.config.r for i in inputs]
+    # config.r is every module's rank, or the largest one under a rank_pattern (never exceeded).
+    ranks = [max([i.config.r, *getattr(i.config, "rank_pattern", {}).values()]) for i in inputs]
     if mode == "concat":
         coeffs = concat_coefficients(recipe)
         rank = sum(ranks)
@@ -76,8 +77,10 @@ def merge_lora_adapters(recipe, plan) -> dict:
             Bs, As = [], []
             for f, c, s, r in zip(factors, coeffs, scalings, ranks):
                 if f:
-                    Bs.append(f["lora_B.weight"] * (c * s))
-                    As.append(f["lora_A.weight"])
+                    B_k, A_k = f["lora_B.weight"] * (c * s), f["lora_A.weight"]
+                    pad = r - A_k.shape[0]  # a module below the adapter's rank (rank_pattern, AdaLoRA): zero directions
+                    Bs.append(torch.cat([B_k, B_k.new_zeros(B_k.shape[0], pad)], 1) if pad > 0 else B_k)
+                    As.append(torch.cat([A_k, A_k.new_zeros(pad, A_k.shape[1])], 0) if pad > 0 else A_k)
                 else:  # this adapter leaves the module alone: zero directions keep the rank uniform
                     Bs.append(torch.zeros(shape_w[0], r))
                     As.append(torch.zeros(r, shape_w[1]))

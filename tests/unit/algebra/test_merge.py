@@ -65,9 +65,9 @@ def test_lines_scales_shallow_layers_towards_base(ckpts, tmp_path):
     assert torch.equal(got["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
 
 
-def _lora_adapter(base_dir, out, seed, r=4, targets=("q_proj", "v_proj", "up_proj")):
+def _lora_adapter(base_dir, out, seed, r=4, targets=("q_proj", "v_proj", "up_proj"), rank_pattern=None):
     model = deltatune.load_model(base_dir)
-    dm = deltatune.attach(model, {"method": "lora", "r": r, "alpha": 2.0 * r, "targets": list(targets)})
+    dm = deltatune.attach(model, {"method": "lora", "r": r, "alpha": 2.0 * r, "targets": list(targets), "rank_pattern": rank_pattern or {}})
     randomize_delta(dm, std=0.1, seed=seed)
     dm.save_delta(str(out))
     return out
@@ -117,6 +117,22 @@ def test_lora_concat_merge_is_exact_and_svd_rank(ckpts, tmp_path):
     # A smaller rank: each module's error is its SVD tail (Eckart–Young), so below the exact merge's size.
     run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "ties", tmp_path / "svd2", lora={"mode": "svd", "rank": 2}, parameters={"density": 0.5}))
     assert deltatune.load_delta(deltatune.load_model(base), tmp_path / "svd2").delta_configs["default"].r == 2
+
+
+def test_lora_concat_merge_with_per_module_ranks_is_exact(ckpts, tmp_path):
+    # rank_pattern (as AdaLoRA files load): modules below and above r get zero directions up to the largest rank
+    _, base, _ = ckpts
+    a = _lora_adapter(base, tmp_path / "a", seed=1, r=4, rank_pattern={"v_proj": 1, "up_proj": 6})
+    b = _lora_adapter(base, tmp_path / "b", seed=2, r=2, targets=("q_proj", "k_proj"))
+    run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "task_arithmetic", tmp_path / "cat", lora={"mode": "concat"}))
+    run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "task_arithmetic", tmp_path / "dense"))
+    want = weights(tmp_path / "dense")
+    dm = deltatune.load_delta(deltatune.load_model(base), tmp_path / "cat")
+    assert dm.delta_configs["default"].r == 6 + 2
+    dm.merge()
+    sd = dm.base_model.state_dict()
+    err = max((sd.get(k, sd.get(k.rsplit(".", 1)[0] + ".base_layer.weight")) - want[k]).abs().max().item() for k in want)
+    assert err < 1e-6, err
 
 
 def test_lora_concat_refuses_nonlinear_method(ckpts, tmp_path):
