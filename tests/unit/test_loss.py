@@ -118,7 +118,9 @@ def test_saved_for_backward_is_far_below_full_logits():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = chunked_lm_loss(hidden, weight, labels, chunk_size=64)
     inputs = {hidden.data_ptr(), weight.data_ptr()}  # saved by reference, no new memory
+    saved += [t for t in loss.grad_fn.grads if t is not None]  # the gradients the loss's node holds
     extra = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs)
+    assert extra >= N * H * 4 + V * H * 4
     full_logits = N * V * 4
     index = N * 8  # the int64 positions index_select keeps for its own backward
     assert extra <= N * H * 4 + V * H * 4 + index < full_logits / 5, (extra, full_logits)
@@ -129,6 +131,7 @@ def test_saved_for_backward_is_far_below_full_logits():
     frozen = weight.detach()  # LoRA: the head is frozen, only d hidden is kept
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = chunked_lm_loss(hidden, frozen, labels, chunk_size=64)
+    saved += [t for t in loss.grad_fn.grads if t is not None]
     extra = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs)
     assert extra <= N * H * 4 + index and extra < full_logits / 50, (extra, full_logits)
 
@@ -145,3 +148,16 @@ def test_errors_name_what_is_wrong():
     bad[1, 1] = 50
     with pytest.raises(DataError, match=r"\[0, 50\), found 50"):
         chunked_lm_loss(hidden, weight, bad)
+
+
+def test_backward_once_scales_in_place_and_refuses_a_second_backward():
+    hidden, weight, b, labels = _inputs()
+    loss, n = chunked_lm_loss(hidden, weight, labels, chunk_size=4, lm_head_bias=b, backward_once=True)
+    held = loss.grad_fn.grads[1]  # dL/dW, computed in forward
+    (loss / n).backward(retain_graph=True)
+    assert torch.equal(held, weight.grad)  # scaled in place and handed over: no second [V, H] copy
+    w2 = weight.detach().clone().requires_grad_()
+    (_naive(hidden.detach(), w2, b.detach(), labels) / n).backward()
+    torch.testing.assert_close(weight.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

@@ -84,8 +84,8 @@ class GaLore(torch.optim.Optimizer):
     def _update(self, p: torch.Tensor, group: dict, coef: float = 1.0) -> None:
         beta1, beta2 = group["betas"]
         grad = p.grad.float()
-        if coef != 1.0:
-            grad = grad * coef
+        if coef != 1.0:  # only layer-wise clipping sets it, and that gradient is freed right after
+            grad = grad.mul_(coef)
         state = self.state[p]
         low_rank = group["galore"] and p.ndim == 2
         if not state:
@@ -101,13 +101,16 @@ class GaLore(torch.optim.Optimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(r, 1 - beta1)
         v.mul_(beta2).addcmul_(r, r, value=1 - beta2)
-        # Same operation order as torch's AdamW, so that P = I reproduces it to rounding.
-        denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
-        norm = m / denom / (1 - beta1**t)
-        update = group["scale"] * project_back(norm, state["basis"], p.shape) if low_rank else norm
+        # Same operation order as torch's AdamW, so that P = I reproduces it to rounding; in place,
+        # so a full-size unprojected matrix (the 49k x 576 embedding) costs one temporary, not three.
+        denom = v.sqrt().div_((1 - beta2**t) ** 0.5).add_(group["eps"])
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-group["lr"])
+        if low_rank:
+            norm = (m / denom).div_(1 - beta1**t)
+            p.add_(project_back(norm, state["basis"], p.shape).to(p.dtype), alpha=-group["lr"] * group["scale"])
+        else:
+            p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-group["lr"] / (1 - beta1**t))
 
 
 def galore_groups(params, model, rank: int) -> list[dict]:

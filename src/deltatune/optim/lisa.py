@@ -90,5 +90,12 @@ def _groups(params):
 def build_lisa(params, config, model, objective) -> Lisa:
     if model is None:
         raise ConfigError("optim.name lisa needs the model (to find its layers)")
-    return Lisa(params, model, config.lisa.layers, config.lisa.interval, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
-                weight_decay=config.weight_decay)
+    kwargs = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    # Fused AdamW updates each tensor without full-size temporaries: with the always-trained
+    # embedding (28 M entries in SmolLM2) the per-tensor path's two temporaries cost 226 MB.
+    try:
+        return Lisa(params, model, config.lisa.layers, config.lisa.interval, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        return Lisa(params, model, config.lisa.layers, config.lisa.interval, **kwargs)

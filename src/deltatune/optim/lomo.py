@@ -90,7 +90,7 @@ def fused_hook(opt, p: torch.Tensor, apply) -> None:
     if opt._mode is None:  # a backward outside train_step (e.g. a user's own): leave the gradient alone
         return
     if opt._mode == "norm":
-        opt._norm_sq += p.grad.detach().float().pow(2).sum()
+        opt._norm_sq += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()  # no gradient-sized temporary
     else:
         with torch.no_grad():
             apply(p)

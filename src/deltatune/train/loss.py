@@ -31,6 +31,7 @@ def chunked_lm_loss(
     labels: Tensor,
     chunk_size: int = 1024,
     lm_head_bias: Tensor | None = None,
+    backward_once: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Summed token cross-entropy of ``hidden @ W.T (+ b)`` against already-aligned ``labels``.
 
@@ -49,6 +50,11 @@ def chunked_lm_loss(
     Logits are computed in the autocast dtype when autocast is on (else the promoted dtype of
     hidden and W), then upcast to at least fp32 for the log-softmax. All-ignored labels give
     ``(0., 0)`` and zero gradients, never NaN.
+
+    ``backward_once=True`` (what the trainer's objective passes: it backpropagates each loss
+    once): backward scales the gradients computed in forward *in place* and hands them over, so a
+    trained head costs one ``[V, H]`` fp32 buffer instead of two at the start of backward; a second
+    backward through the same loss (``retain_graph=True``) then fails with a clear error.
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ConfigError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
@@ -82,7 +88,7 @@ def chunked_lm_loss(
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
 
     compute_dtype = _compute_dtype(rows, lm_head_weight)
-    loss_sum = _ChunkedCrossEntropy.apply(rows, lm_head_weight, lm_head_bias, targets, chunk_size, compute_dtype)
+    loss_sum = _ChunkedCrossEntropy.apply(rows, lm_head_weight, lm_head_bias, targets, chunk_size, compute_dtype, backward_once)
     return loss_sum, torch.tensor(targets.numel(), dtype=torch.long, device=labels.device)
 
 
@@ -128,7 +134,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, chunk_size, compute_dtype):  # noqa: D102
+    def forward(ctx, rows, weight, bias, targets, chunk_size, compute_dtype, backward_once):  # noqa: D102
         need_rows, need_w, need_b = ctx.needs_input_grad[:3]
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         total = torch.zeros((), dtype=acc_dtype, device=rows.device)
@@ -160,26 +166,35 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.T.to(acc_dtype), chunk_rows.to(acc_dtype))
                 if grad_rows is not None:
                     grad_rows[start:stop] = (g.to(compute_dtype) @ w).to(rows.dtype)
-        ctx.save_for_backward(grad_rows, grad_w, grad_b)
+        # Intermediates, not inputs or outputs: kept on ctx (save_for_backward is for those).
+        ctx.grads, ctx.backward_once = (grad_rows, grad_w, grad_b), backward_once
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):  # noqa: D102
-        grad_rows, grad_w, grad_b = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("chunked_lm_loss(backward_once=True): backward ran twice through the same loss "
+                               "(retain_graph=True); compute the loss again, or pass backward_once=False")
+        grad_rows, grad_w, grad_b = ctx.grads
         w_dtype, b_dtype = ctx.dtypes
-        if grad_rows is not None:
-            grad_rows = grad_rows * grad_total.to(grad_rows.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_total.to(grad_w.dtype)).to(w_dtype)
-        if grad_b is not None:
-            grad_b = (grad_b * grad_total.to(grad_b.dtype)).to(b_dtype)
+
+        def scaled(grad: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+            if grad is None:
+                return None
+            factor = grad_total.to(grad.dtype)
+            return (grad.mul_(factor) if ctx.backward_once else grad * factor).to(dtype)
+
+        if ctx.backward_once:
+            ctx.grads = None  # handed over: autograd owns them now
         return (
-            grad_rows,
-            grad_w,
-            grad_b,
+            scaled(grad_rows, grad_rows.dtype if grad_rows is not None else torch.float32),
+            scaled(grad_w, w_dtype),
+            scaled(grad_b, b_dtype),
+            None,
             None,
             None,
             None,
         )
+
