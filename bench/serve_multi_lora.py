@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import sys
@@ -48,11 +49,12 @@ TEXT = ("The history of science is the study of the development of science and s
 
 def make_adapters(model_name: str, root: Path, n: int, rank: int) -> list[str]:
     """n LoRA adapters on all projections, random weights (a fresh attach per adapter on one model)."""
+    root.mkdir(parents=True, exist_ok=True)
     dm = deltatune.DeltaModel.of(deltatune.load_model(model_name))
     names = []
     g = torch.Generator().manual_seed(0)
     for i in range(n):
-        name = f"a{i:03d}"
+        name = f"a{i:04d}"
         dm.attach(deltatune.LoraConfig(r=rank, alpha=2 * rank, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), name=name)
         with torch.no_grad():
             for p in dm.delta_parameters(name).values():
@@ -96,6 +98,34 @@ def hf_generate(model, tokenizer, prompts, new, adapter_names=None):
     assert out.shape[1] == width + new
 
 
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RssSampler(threading.Thread):
+    """The process's resident memory every ``every`` seconds, while the load test runs: its maximum."""
+
+    def __init__(self, every: float = 0.05):
+        super().__init__(daemon=True)
+        self.every, self.max_mb, self.samples, self._stop = every, rss_mb(), [], threading.Event()
+
+    def run(self):
+        while not self._stop.is_set():
+            value = rss_mb()
+            self.max_mb = max(self.max_mb, value)
+            self.samples.append(value)
+            time.sleep(self.every)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self.join()
+        return self.max_mb
+
+
 def load_test(engine: Engine, names: list[str], clients: int, requests: int, new: int) -> dict:
     import uvicorn
 
@@ -126,19 +156,29 @@ def load_test(engine: Engine, names: list[str], clients: int, requests: int, new
             return time.perf_counter() - t, repr(err)
         return time.perf_counter() - t, "stream ended without [DONE]"
 
+    # Memory bound: the engine's pool and KV cache are allocated up front, so after one request per
+    # client has warmed the server up, serving every other adapter must not grow the process.
+    with ThreadPoolExecutor(clients) as ex:
+        warm = list(ex.map(one, range(min(clients, requests))))
+    rss_start, warm_tokens = rss_mb(), engine.metrics()["generated_tokens"]
+    sampler = RssSampler()
+    sampler.start()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as ex:
-        results = list(ex.map(one, range(requests)))
+        results = warm + list(ex.map(one, range(len(warm), requests)))
     wall = time.perf_counter() - t0
+    rss_max = sampler.stop()
     server.should_exit = True
     thread.join(timeout=30)
-    lat = sorted(r[0] for r in results)
+    lat = sorted(r[0] for r in results[len(warm):] or results)
     errors = [r[1] for r in results if r[1]]
     m = engine.metrics()
     return {"clients": clients, "requests": requests, "adapters": len(names), "errors": len(errors), "first_error": errors[0] if errors else None,
             "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))], "wall_s": wall,
-            "generated_tokens_per_s": m["generated_tokens"] / wall, "adapter_loads": m["adapter_loads"], "adapter_evictions": m["adapter_evictions"],
-            "resident_adapters": m["resident_adapters"]}
+            "generated_tokens_per_s": (m["generated_tokens"] - warm_tokens) / wall, "adapter_loads": m["adapter_loads"], "adapter_evictions": m["adapter_evictions"],
+            "resident_adapters": m["resident_adapters"], "pool_slots_mb": round(engine.pool.nbytes() / 2**20, 1) if engine.pool else 0,
+            "rss_after_warmup_mb": round(rss_start, 1), "rss_max_mb": round(rss_max, 1), "rss_growth_mb": round(rss_max - rss_start, 1),
+            "rss_last_mb": round(sampler.samples[-1] if sampler.samples else rss_start, 1)}
 
 
 def main() -> int:
@@ -153,13 +193,21 @@ def main() -> int:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--load-test", help="C,R: C concurrent streaming clients sending R requests in all")
     ap.add_argument("--load-adapters", type=int, default=64)
+    ap.add_argument("--load-rank", type=int, help="rank of the load test's adapters (default: --rank); a smaller one keeps 1,000 on disk small")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ns = [int(n) for n in args.ns.split(",")]
     root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    need = max(ns + ([args.load_adapters] if args.load_test else []))
-    names = make_adapters(args.model, root, need, args.rank)
+    try:
+        return run(args, ns, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # 1,000 adapters are gigabytes
+
+
+def run(args, ns: list[int], root: Path) -> int:
+    names = make_adapters(args.model, root / "throughput", max(ns), args.rank)
+    root = root / "throughput"
     tokenizer = deltatune.load_tokenizer(args.model)
     prompts = make_prompts(tokenizer, args.batch)
     tokens = args.batch * args.new
@@ -195,8 +243,12 @@ def main() -> int:
     if args.load_test:
         clients, requests = (int(x) for x in args.load_test.split(","))
         engine.close()
-        served = Engine(deltatune.load_model(args.model), root, tokenizer, max_batch=min(clients, 32), max_len=256, lora_slots=32, max_lora_rank=args.rank)
-        results["load_test"] = load_test(served, names[: args.load_adapters], clients, requests, args.new)
+        load_rank = args.load_rank or args.rank
+        load_root = root.parent / "load"
+        load_names = make_adapters(args.model, load_root, args.load_adapters, load_rank)
+        served = Engine(deltatune.load_model(args.model), load_root, tokenizer, max_batch=min(clients, 32), max_len=256, lora_slots=32,
+                        max_lora_rank=load_rank)
+        results["load_test"] = load_test(served, load_names, clients, requests, args.new)
         print(json.dumps(results["load_test"], indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
