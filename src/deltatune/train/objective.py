@@ -8,8 +8,6 @@ as one big batch.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,9 +33,6 @@ class CausalLMObjective(nn.Module):
         hf = getattr(model, "base_model", model) if hasattr(model, "delta_configs") else model
         self.backbone = getattr(hf, hf.base_model_prefix)
         self.head = hf.get_output_embeddings()
-        embed = hf.get_input_embeddings()
-        tied = isinstance(self.head, nn.Linear) and isinstance(embed, nn.Embedding) and embed.weight is self.head.weight
-        self.tied_embedding = embed if tied else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "token_type_ids"}
@@ -46,30 +41,12 @@ class CausalLMObjective(nn.Module):
             logits = self.model(**inputs).logits[:, :-1]
             loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
             return loss_sum, (labels != -100).sum()
-        with sparse_lookup(self.tied_embedding):
-            hidden = self.backbone(**inputs).last_hidden_state[:, :-1]
+        # A tied embedding needs nothing special: the lookup's dense gradient is added in place
+        # into the head's [V, H] gradient (a sparse one would not be, and costs a third buffer).
+        hidden = self.backbone(**inputs).last_hidden_state[:, :-1]
         # The trainer backpropagates each loss once (LOMO's two passes compute it twice).
         return chunked_lm_loss(hidden, self.head.weight, labels, chunk_size=self.chunk_size, lm_head_bias=self.head.bias,
                                backward_once=True)
-
-
-@contextlib.contextmanager
-def sparse_lookup(embedding: nn.Embedding | None):
-    """While the backbone runs, a trained embedding *tied to the LM head* gives a sparse gradient.
-
-    Its weight's gradient is the head's dense [V, H] gradient plus the lookup's, which touches only
-    the batch's rows; summed as sparse into the dense one, the lookup's never takes a second
-    [V, H] buffer (113 MB fp32 for SmolLM2, at the peak of full fine-tuning). The sum is dense, so
-    no optimizer ever sees a sparse gradient; an untied embedding is left alone.
-    """
-    if embedding is None or embedding.sparse or not (embedding.weight.requires_grad and torch.is_grad_enabled()):
-        yield
-        return
-    embedding.sparse = True
-    try:
-        yield
-    finally:
-        embedding.sparse = False
 
 
 class ClassificationObjective(nn.Module):
