@@ -166,3 +166,20 @@ def test_inconsistent_adalora_file_names_module_and_shapes(ids, tmp_path):
     save_file(tensors, str(weights))
     with pytest.raises(ShapeMismatchError, match=r"AdaLoRA module 'model\.layers\.0\.self_attn\.v_proj' has lora_A \[\d+, 32\], lora_E \[\d+, 1\]"):
         deltatune.load_delta(tiny_llama(), tmp_path / "ada")
+
+
+def test_merge_reads_adalora_files_like_lora(ids, tmp_path):
+    """`deltatune merge` takes a PEFT AdaLoRA directory as an input: task arithmetic with weight 1
+    into a full model gives PEFT's logits."""
+    from deltatune.algebra.merge import run_merge
+    from deltatune.algebra.recipe import MergeRecipe
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    trained_llama_adalora(ids, tmp_path / "ada")
+    theirs = output(peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ada")).eval(), ids)
+    recipe = MergeRecipe.model_validate({"base": str(base), "inputs": [{"path": str(tmp_path / "ada"), "weight": 1.0}],
+                                         "method": "task_arithmetic", "output": {"path": str(tmp_path / "merged")}})
+    run_merge(recipe)
+    merged = deltatune.load_model(str(tmp_path / "merged")).eval()
+    assert (output(merged, ids) - theirs).abs().max() < 1e-5

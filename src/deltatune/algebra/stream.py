@@ -94,6 +94,26 @@ class TensorFile:
         self._fds.clear()
 
 
+class MemoryTensors:
+    """TensorFile's interface over tensors already in memory (an adapter converted on reading,
+    e.g. a PEFT AdaLoRA file read as LoRA: adapters are small, so reading one whole is fine)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], where: str):
+        self.where, self.tensors = where, tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def close(self) -> None:
+        pass
+
+
 def checkpoint_files(directory: Path) -> list[Path]:
     """The safetensors files of a HF model directory (single file or sharded with an index)."""
     index = directory / "model.safetensors.index.json"
