@@ -50,11 +50,9 @@ RUNS: dict[str, dict] = {
 # ---------------------------------------------------------------- worker (one process per optimizer)
 
 def current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    from deltatune.utils.memory import proc_status_mb
+
+    return proc_status_mb("VmRSS")
 
 
 def reset_peak() -> bool:
@@ -68,14 +66,47 @@ def reset_peak() -> bool:
 
 
 def peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from deltatune.utils.memory import proc_status_mb
+
+    peak = proc_status_mb("VmHWM")
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # NaN off Linux
+
+
+class AnonSampler:
+    """Peak *anonymous* resident memory (RssAnon: tensors, heap), sampled every ``every`` seconds.
+
+    VmHWM also counts file-backed pages (libtorch's code), which this VM's kernel pages out and back
+    in on its own schedule (DAMON ``pageout``): with mmapped weights the same run's VmHWM moved by up
+    to ±150 MB between repeats. RssAnon is what the run allocates (the weights are copied into
+    anonymous memory first, see ``worker``); a spike shorter than ``every`` s can be missed.
+    """
+
+    def __init__(self, every: float = 0.002):
+        import threading
+
+        self.every, self.peak, self._stop = every, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> float:
+        from deltatune.utils.memory import proc_status_mb
+
+        return proc_status_mb("RssAnon")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(self.every)
+
+    def start(self) -> "AnonSampler":
+        self.peak = self.read()
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.read())
 
 
 def packed_rows(tokenizer, n_rows: int, seq: int):
@@ -118,6 +149,12 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     tokenizer = deltatune.load_tokenizer(args.model)
     model = deltatune.load_model(args.model, dtype=torch.float32)
+    # The weights come mmapped from the safetensors cache: file-backed pages, which this VM's kernel
+    # pages out and back in on its own schedule, and which become anonymous only where a method
+    # writes them. Copied into anonymous memory, every run counts the same 538 MB of weights.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
     rows = packed_rows(tokenizer, args.steps * args.batch_size, args.seq)
     batches = [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in rows.split(args.batch_size)]
     objective = CausalLMObjective(model, chunk_size=256)
@@ -135,6 +172,7 @@ def worker(args) -> dict:
     model.config.use_cache = False
     loaded_mb = current_rss_mb()
     peak_reset = reset_peak()
+    anon = AnonSampler().start()
     times, state_max = [], 0
     if args.optimizer == "inference":
         for batch in batches:
@@ -168,15 +206,15 @@ def worker(args) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
             state_max = max(state_max, state_bytes(optimizer))
-        peak = peak_mb()
+        peak, anon_peak = peak_mb(), anon.stop()
         end_loss = first_batch_loss()
-        return _result(args, peak, loaded_mb, peak_reset, times, state_max, start_loss, end_loss)
-    return _result(args, peak_mb(), loaded_mb, peak_reset, times, state_max, start_loss, end_loss)
+        return _result(args, peak, loaded_mb, peak_reset, times, state_max, start_loss, end_loss, anon_peak)
+    return _result(args, peak_mb(), loaded_mb, peak_reset, times, state_max, start_loss, end_loss, anon.stop())
 
 
-def _result(args, peak, loaded_mb, peak_reset, times, state_max, start_loss, end_loss) -> dict:
+def _result(args, peak, loaded_mb, peak_reset, times, state_max, start_loss, end_loss, anon_peak) -> dict:
     timed = times[1:] or times  # step 1 pays one-time costs (allocator warm-up, GaLore's first SVD)
-    return {"optimizer": args.optimizer, "peak_rss_mb": peak, "loaded_rss_mb": loaded_mb, "peak_reset": peak_reset,
+    return {"optimizer": args.optimizer, "peak_rss_mb": peak, "peak_anon_mb": anon_peak, "loaded_rss_mb": loaded_mb, "peak_reset": peak_reset,
             "optimizer_state_mb": state_max / 2**20, "tokens_per_s": len(timed) * args.batch_size * args.seq / sum(timed),
             "step_seconds": times, "start_loss": start_loss, "end_loss": end_loss, "steps": args.steps,
             "checkpointing": args.checkpointing}
@@ -196,7 +234,7 @@ def run_one(name: str, args) -> dict:
         print(f"  {name}: FAILED ({tail[0][:300]})", flush=True)
         return {"optimizer": name, "error": tail[0][:500]}
     result = json.loads(lines[-1][len("RESULT "):])
-    print(f"  {name}: peak {result['peak_rss_mb']:.0f} MB, state {result['optimizer_state_mb']:.0f} MB, {result['tokens_per_s']:.0f} tok/s, "
+    print(f"  {name}: peak {result['peak_rss_mb']:.0f} MB (anonymous {result['peak_anon_mb']:.0f} MB), state {result['optimizer_state_mb']:.0f} MB, {result['tokens_per_s']:.0f} tok/s, "
           f"loss {result['start_loss']:.3f} -> {result['end_loss']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
     return result
 
@@ -204,8 +242,8 @@ def run_one(name: str, args) -> dict:
 def table(results: list[dict]) -> str:
     by = {r["optimizer"]: r for r in results if "error" not in r}
     adamw, inference = by.get("adamw"), by.get("inference")
-    rows = ["| optimizer | peak RSS (MB) | vs AdamW | vs inference | optimizer state (MB) | state vs AdamW | tokens/s | loss start → end |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| optimizer | peak RSS (MB) | vs AdamW | vs inference | peak anonymous (MB) | vs AdamW | vs inference | optimizer state (MB) | state vs AdamW | tokens/s | loss start → end |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ["inference", *RUNS]:
         r = by.get(name)  # the last result of a name counts
         if r is None:
@@ -215,7 +253,10 @@ def table(results: list[dict]) -> str:
         state = "–" if name == "inference" else f"{r['optimizer_state_mb']:.0f}"
         state_ratio = f"{r['optimizer_state_mb'] / adamw['optimizer_state_mb']:.2f}x" if adamw and name != "inference" else "–"
         loss = f"{r['start_loss']:.4f}" if name == "inference" else f"{r['start_loss']:.4f} → {r['end_loss']:.4f}"
-        rows.append(f"| {name} | {r['peak_rss_mb']:.0f} | {vs_adamw} | {vs_inf} | {state} | {state_ratio} | {r['tokens_per_s']:.0f} | {loss} |")
+        anon = r.get("peak_anon_mb")
+        anon_cells = (f"{anon:.0f} | {anon / adamw['peak_anon_mb']:.2f}x | " if adamw and adamw.get("peak_anon_mb") else f"{anon:.0f} | – | ") if anon else "– | – | "
+        anon_cells += f"{anon / inference['peak_anon_mb']:.2f}x" if anon and inference and inference.get("peak_anon_mb") else "–"
+        rows.append(f"| {name} | {r['peak_rss_mb']:.0f} | {vs_adamw} | {vs_inf} | {anon_cells} | {state} | {state_ratio} | {r['tokens_per_s']:.0f} | {loss} |")
     return "\n".join(rows)
 
 

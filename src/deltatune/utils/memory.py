@@ -33,3 +33,16 @@ def tune_allocator(mmap_threshold: int = 4 << 20) -> bool:
         return False
     _done = ok
     return ok
+
+
+def proc_status_mb(field: str = "VmRSS") -> float:
+    """A memory line of ``/proc/self/status`` in MB: ``VmRSS`` (resident now), ``VmHWM`` (its peak),
+    ``RssAnon`` (anonymous pages only: tensors and heap, not mapped files). NaN off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
