@@ -32,7 +32,7 @@ def test_dict_config_and_call_like_base(tiny_llama, input_ids):
 
 
 def test_unknown_config_key(tiny_llama):
-    with pytest.raises(ConfigError, match=r"unknown key 'delta.rank' \(did you mean 'r' or 'rank_allocation'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'delta.rank' \(did you mean 'rank_pattern'\?\); valid keys: .*\br\b"):
         deltatune.attach(tiny_llama, {"method": "lora", "rank": 8})
     with pytest.raises(ConfigError, match=r"unknown delta method 'lorra' \(did you mean 'lora'\?\)"):
         deltatune.attach(tiny_llama, {"method": "lorra"})

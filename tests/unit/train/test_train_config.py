@@ -38,7 +38,7 @@ def test_wrong_type_names_key_and_type(tmp_path):
 
 def test_delta_section_validated_by_method(tmp_path):
     path = write(tmp_path, RECIPE.replace("lrr: 0.001", "lr: 0.001").replace("r: 4", "rank: 4"))
-    with pytest.raises(ConfigError, match=r"recipe.yaml:3: .*unknown key 'delta.rank' \(did you mean 'r' or 'rank_allocation'\?\)"):
+    with pytest.raises(ConfigError, match=r"recipe.yaml:3: .*unknown key 'delta.rank' \(did you mean 'rank_pattern'\?\); valid keys: .*\br\b"):
         load_recipe(path)
 
 
