@@ -180,16 +180,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_rows, grad_w, grad_b = ctx.grads
         w_dtype, b_dtype = ctx.dtypes
 
-        def scaled(grad: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        def scaled(grad: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
             if grad is None:
                 return None
             factor = grad_total.to(grad.dtype)
-            return (grad.mul_(factor) if ctx.backward_once else grad * factor).to(dtype)
+            return (grad.mul_(factor) if ctx.backward_once else grad * factor).to(dtype or grad.dtype)
 
         if ctx.backward_once:
             ctx.grads = None  # handed over: autograd owns them now
         return (
-            scaled(grad_rows, grad_rows.dtype if grad_rows is not None else torch.float32),
+            scaled(grad_rows),
             scaled(grad_w, w_dtype),
             scaled(grad_b, b_dtype),
             None,
