@@ -21,7 +21,17 @@ from torch import nn
 from deltatune.algebra.stream import MemoryTensors, TensorFile, checkpoint_files, read_header
 from deltatune.core.full_copy import FULL_COPY_KEY
 from deltatune.core.registry import get_method
-from deltatune.core.state import CONFIG_FILE, DELTATUNE_FILE, WEIGHTS_FILE, from_file_key, read_delta_config, read_delta_tensors, split_key, to_file_key
+from deltatune.core.state import (
+    CONFIG_FILE,
+    DELTATUNE_FILE,
+    WEIGHTS_FILE,
+    converted_on_read,
+    from_file_key,
+    read_delta_config,
+    read_delta_tensors,
+    split_key,
+    to_file_key,
+)
 from deltatune.utils.errors import ConfigError, DeltaFileError, ModelLoadError, ShapeMismatchError, closest
 
 
@@ -119,7 +129,7 @@ class AdapterInput:
         if not weights.is_file():
             raise DeltaFileError(f"{path}: missing {WEIGHTS_FILE}")
         self.file = TensorFile([weights], str(path))
-        if self._converted_on_read():  # another PEFT format read as this method's (AdaLoRA → LoRA)
+        if converted_on_read(path):  # another PEFT format read as this method's (AdaLoRA → LoRA)
             self.file.close()
             tensors = read_delta_tensors(path)
             self.file = MemoryTensors({to_file_key(k): v for k, v in tensors.items()}, str(path))
@@ -127,16 +137,6 @@ class AdapterInput:
         self.modules: dict[str, dict[str, str]] = {}   # base module name → {branch-local key: file key}
         self.saved: dict[str, str] = {}                 # base tensor name → file key (modules_to_save)
         self.logical: dict[str, str] = {}               # base module name → the delta's own module name
-
-    def _converted_on_read(self) -> bool:
-        cfg = self.path / CONFIG_FILE
-        if (self.path / DELTATUNE_FILE).is_file() or not cfg.is_file():
-            return False
-        try:
-            peft_type = json.loads(cfg.read_text()).get("peft_type")
-        except (OSError, ValueError):
-            return False
-        return peft_type in getattr(self.method, "peft_imports", ())
 
     def _base_name(self) -> str | None:
         cfg = self.path / CONFIG_FILE

@@ -95,6 +95,8 @@ class DeltaMethod:
     branch_keys: ClassVar[tuple[str, ...]] = ()
     # PEFT's peft_type for this method, or None when PEFT has no equivalent.
     peft_type: ClassVar[str | None] = None
+    # Other PEFT types whose files this method reads (converted in from_peft_config / from_peft_tensors).
+    peft_imports: ClassVar[tuple[str, ...]] = ()
     # Branch keys that files store without the module path (PEFT's prompt learning keeps
     # ``prompt_embeddings`` at the top level); only for methods with a single target module.
     unprefixed_keys: ClassVar[tuple[str, ...]] = ()
@@ -138,3 +140,7 @@ class DeltaMethod:
 
     def from_peft_config(self, peft_config: dict[str, Any], source: str) -> DeltaConfig:
         raise NotImplementedError
+
+    def from_peft_tensors(self, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """A PEFT file's tensors (keys without the file prefix) → this method's; by default unchanged."""
+        return tensors

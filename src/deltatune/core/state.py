@@ -123,7 +123,7 @@ def _peft_reader(peft_type: Any, source: Path):
     readable: set[str] = set()
     for method_name in list_methods():
         method = get_method(method_name)
-        types = ((method.peft_type,) if method.peft_type else ()) + tuple(getattr(method, "peft_imports", ()))
+        types = ((method.peft_type,) if method.peft_type else ()) + method.peft_imports
         if peft_type in types:
             return method
         readable.update(types)
@@ -156,10 +156,19 @@ def read_delta_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     peft = path / CONFIG_FILE
     if not (path / DELTATUNE_FILE).is_file() and peft.is_file():  # PEFT's own file: maybe another format (AdaLoRA)
         data = _read_json(peft)
-        convert = getattr(_peft_reader(data.get("peft_type"), peft), "from_peft_tensors", None)
-        if convert is not None:
-            tensors = convert(data, tensors, str(weights))
+        tensors = _peft_reader(data.get("peft_type"), peft).from_peft_tensors(data, tensors, str(weights))
     return tensors
+
+
+def converted_on_read(path: str | Path) -> bool:
+    """True for a PEFT-only directory of a type that a method imports (AdaLoRA read as LoRA): its
+    file's tensors are not the method's own, so readers must go through :func:`read_delta_tensors`."""
+    path = Path(path)
+    peft = path / CONFIG_FILE
+    if (path / DELTATUNE_FILE).is_file() or not peft.is_file():
+        return False
+    peft_type = _read_json(peft).get("peft_type")
+    return _peft_reader(peft_type, peft).peft_type != peft_type
 
 
 def split_key(key: str, branch_keys: tuple[str, ...], full_copy_patterns: list[str], logical: set[str]) -> tuple[str, str]:
