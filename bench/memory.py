@@ -142,9 +142,12 @@ def worker(args) -> dict:
     from deltatune.train.config import OptimConfig
     from deltatune.train.objective import CausalLMObjective
     from deltatune.train.optim import build_optimizer
-    from deltatune.utils.memory import tune_allocator
+    from deltatune.utils.memory import mmap_threshold_mb, tune_allocator
 
-    tune_allocator()  # as the training loop does: freed activations go back to the OS
+    # As the training loop does (freed activations go back to the OS): the recipe's
+    # train.malloc_mmap_threshold_mb if given (--mmap-threshold), else the optimizer's default.
+    threshold = mmap_threshold_mb(args.mmap_threshold, RUNS.get(args.optimizer, {}).get("name", "adamw"))
+    tune_allocator(int(threshold * 2**20))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = deltatune.load_tokenizer(args.model)
@@ -213,11 +216,14 @@ def worker(args) -> dict:
 
 
 def _result(args, peak, loaded_mb, peak_reset, times, state_max, start_loss, end_loss, anon_peak) -> dict:
+    from deltatune.utils.memory import mmap_threshold_mb
+
     timed = times[1:] or times  # step 1 pays one-time costs (allocator warm-up, GaLore's first SVD)
     return {"optimizer": args.optimizer, "peak_rss_mb": peak, "peak_anon_mb": anon_peak, "loaded_rss_mb": loaded_mb, "peak_reset": peak_reset,
             "optimizer_state_mb": state_max / 2**20, "tokens_per_s": len(timed) * args.batch_size * args.seq / sum(timed),
             "step_seconds": times, "start_loss": start_loss, "end_loss": end_loss, "steps": args.steps,
-            "checkpointing": args.checkpointing}
+            "checkpointing": args.checkpointing,
+            "mmap_threshold_mb": mmap_threshold_mb(args.mmap_threshold, RUNS.get(args.optimizer, {}).get("name", "adamw"))}
 
 
 # ---------------------------------------------------------------- driver
@@ -225,6 +231,8 @@ def _result(args, peak, loaded_mb, peak_reset, times, state_max, start_loss, end
 def run_one(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--seq", str(args.seq), "--batch-size", str(args.batch_size),
            "--threads", str(args.threads), "--model", args.model] + ([] if args.checkpointing else ["--no-checkpointing"])
+    if args.mmap_threshold is not None:
+        cmd += ["--mmap-threshold", str(args.mmap_threshold)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -242,8 +250,8 @@ def run_one(name: str, args) -> dict:
 def table(results: list[dict]) -> str:
     by = {r["optimizer"]: r for r in results if "error" not in r}
     adamw, inference = by.get("adamw"), by.get("inference")
-    rows = ["| optimizer | peak RSS (MB) | vs AdamW | vs inference | peak anonymous (MB) | vs AdamW | vs inference | optimizer state (MB) | state vs AdamW | tokens/s | loss start → end |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| optimizer | peak RSS (MB) | vs AdamW | vs inference | peak anonymous (MB) | vs AdamW | vs inference | optimizer state (MB) | state vs AdamW | tokens/s | loss start → end | malloc mmap threshold |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ["inference", *RUNS]:
         r = by.get(name)  # the last result of a name counts
         if r is None:
@@ -256,7 +264,7 @@ def table(results: list[dict]) -> str:
         anon = r.get("peak_anon_mb")
         anon_cells = (f"{anon:.0f} | {anon / adamw['peak_anon_mb']:.2f}x | " if adamw and adamw.get("peak_anon_mb") else f"{anon:.0f} | – | ") if anon else "– | – | "
         anon_cells += f"{anon / inference['peak_anon_mb']:.2f}x" if anon and inference and inference.get("peak_anon_mb") else "–"
-        rows.append(f"| {name} | {r['peak_rss_mb']:.0f} | {vs_adamw} | {vs_inf} | {anon_cells} | {state} | {state_ratio} | {r['tokens_per_s']:.0f} | {loss} |")
+        rows.append(f"| {name} | {r['peak_rss_mb']:.0f} | {vs_adamw} | {vs_inf} | {anon_cells} | {state} | {state_ratio} | {r['tokens_per_s']:.0f} | {loss} | {r.get('mmap_threshold_mb', 4):g} MiB |")
     return "\n".join(rows)
 
 
@@ -269,6 +277,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--mmap-threshold", type=float, help="glibc mmap threshold in MiB for every run (a recipe's train.malloc_mmap_threshold_mb); "
+                        "default: each optimizer's own (4 for adamw and inference, 2 for the others)")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--table", nargs="+", help="print the table of these result JSON files (of separate runs) and exit")

@@ -103,6 +103,9 @@ class TrainLoopConfig(StrictConfig):
     loss_chunk_size: int = Field(256, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0)
     threads: int | None = Field(None, gt=0)
+    # glibc mmap threshold; None: 4 MiB for adamw, 2 MiB for the memory-efficient optimizers
+    # (smaller peak, some speed lost to page faults: deltatune.utils.memory.mmap_threshold_mb)
+    malloc_mmap_threshold_mb: float | None = Field(None, gt=0)
     progress: bool = True
     token_selection: TokenSelectionConfig | None = None
 

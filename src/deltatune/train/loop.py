@@ -28,7 +28,7 @@ from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.setup import build_model, make_stream, prepare_data, trainable_parameters
 from deltatune.utils.errors import ConfigError
 from deltatune.utils.io import write_json_atomic, write_text_atomic
-from deltatune.utils.memory import tune_allocator
+from deltatune.utils.memory import mmap_threshold_mb, tune_allocator
 from deltatune.utils.seed import seed_everything
 
 
@@ -41,7 +41,7 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
 
     info = init_distributed()
     cfg = recipe.train
-    tune_allocator()
+    tune_allocator(int(mmap_threshold_mb(cfg.malloc_mmap_threshold_mb, recipe.optim.name) * 2**20))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(resume) if resume else recipe.run_dir
