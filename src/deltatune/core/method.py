@@ -144,3 +144,8 @@ class DeltaMethod:
     def from_peft_tensors(self, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         """A PEFT file's tensors (keys without the file prefix) → this method's; by default unchanged."""
         return tensors
+
+    def converts_peft_tensors(self, peft_config: dict[str, Any]) -> bool:
+        """True when :meth:`from_peft_tensors` changes this file's tensors (readers that go to the file
+        directly, like the merge engine, must then read through it)."""
+        return peft_config.get("peft_type") != self.peft_type

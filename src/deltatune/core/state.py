@@ -161,14 +161,14 @@ def read_delta_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def converted_on_read(path: str | Path) -> bool:
-    """True for a PEFT-only directory of a type that a method imports (AdaLoRA read as LoRA): its
-    file's tensors are not the method's own, so readers must go through :func:`read_delta_tensors`."""
+    """True for a PEFT-only directory whose tensors the reading method converts (AdaLoRA read as
+    LoRA, a LoRA with per-module alphas): readers must go through :func:`read_delta_tensors`."""
     path = Path(path)
     peft = path / CONFIG_FILE
     if (path / DELTATUNE_FILE).is_file() or not peft.is_file():
         return False
-    peft_type = _read_json(peft).get("peft_type")
-    return _peft_reader(peft_type, peft).peft_type != peft_type
+    data = _read_json(peft)
+    return _peft_reader(data.get("peft_type"), peft).converts_peft_tensors(data)
 
 
 def split_key(key: str, branch_keys: tuple[str, ...], full_copy_patterns: list[str], logical: set[str]) -> tuple[str, str]:

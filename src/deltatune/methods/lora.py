@@ -19,6 +19,7 @@ with per-module ranks (:mod:`deltatune.methods.lora_adalora`).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from deltatune.core.config import DeltaConfig
 from deltatune.core.method import Capabilities, DeltaBranch, DeltaMethod
 from deltatune.core.registry import register
-from deltatune.utils.errors import DeltaFileError
+from deltatune.utils.errors import DeltaFileError, ShapeMismatchError
 
 
 class LoraConfig(DeltaConfig):
@@ -185,8 +186,6 @@ class LoraMethod(DeltaMethod):
         unsupported = {
             "use_dora": (False, None),
             "fan_in_fan_out": (False, None),
-            "rank_pattern": ({}, None),
-            "alpha_pattern": ({}, None),
             "bias": ("none", None),
             "layers_to_transform": (None, []),
         }
@@ -197,7 +196,9 @@ class LoraMethod(DeltaMethod):
         if init not in (True, False, "gaussian", "pissa"):
             raise DeltaFileError(f"{source}: PEFT LoRA option init_lora_weights={init!r} is not supported by deltatune (supported: true, gaussian, pissa)")
         targets = peft_config.get("target_modules")
+        ranks, _ = _peft_patterns(peft_config, source)
         return LoraConfig(
+            rank_pattern={_peft_key_pattern(key): rank for key, rank in ranks.items()},
             init="pissa" if init == "pissa" else "kaiming",
             r=int(peft_config["r"]),
             alpha=float(peft_config.get("lora_alpha", 8)),
@@ -213,4 +214,57 @@ class LoraMethod(DeltaMethod):
             from deltatune.methods.lora_adalora import adalora_lora_tensors
 
             return adalora_lora_tensors(peft_config, tensors, source)
-        return tensors
+        if not self.converts_peft_tensors(peft_config):
+            return tensors
+        return _fold_peft_scales(peft_config, tensors, source)
+
+    def converts_peft_tensors(self, peft_config: dict[str, Any]) -> bool:
+        if peft_config.get("peft_type") == "ADALORA":
+            return True
+        ranks, alphas = _peft_patterns(peft_config, "adapter_config.json")
+        return bool(ranks or alphas)
+
+
+def _peft_patterns(peft_config: dict[str, Any], source: str) -> tuple[dict[str, int], dict[str, float]]:
+    """PEFT's ``rank_pattern`` {key: rank} and ``alpha_pattern`` {key: alpha}, validated."""
+    out = []
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pattern = peft_config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise DeltaFileError(f"{source}: PEFT LoRA {field} must be a mapping of module patterns to numbers, got {type(pattern).__name__}")
+        for key, value in pattern.items():
+            ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+            if not ok or isinstance(value, bool) or value <= 0:
+                raise DeltaFileError(f"{source}: PEFT LoRA {field}[{key!r}] = {value!r}; expected a positive {'integer' if kind is int else 'number'}")
+        out.append({str(k): kind(v) for k, v in pattern.items()})
+    return out[0], out[1]
+
+
+def _peft_key_pattern(key: str) -> str:
+    r"""PEFT matches a pattern key ``k`` against a module name with ``re.match(rf"(.*\.)?({k})$", name)``
+    (``peft.utils.other.get_pattern_key``); the same rule in targets syntax."""
+    return rf"re:(.*\.)?({key})"
+
+
+@torch.no_grad()
+def _fold_peft_scales(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """PEFT scales module ``m`` by ``alpha_m / r_m`` (``alpha_m / √r_m`` with rsLoRA), ``alpha_m`` from
+    ``alpha_pattern`` (else ``lora_alpha``) and ``r_m`` its rank; deltatune by one ``alpha / r`` for all.
+    Folding the ratio into B gives the same function: ``s · B' A = s_m · B A``."""
+
+    _, alphas = _peft_patterns(peft_config, source)
+    r, alpha = int(peft_config["r"]), float(peft_config.get("lora_alpha", 8))
+    rslora = bool(peft_config.get("use_rslora", False))
+    root = math.sqrt if rslora else (lambda x: x)
+    scale = alpha / root(r)
+    out = dict(tensors)
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        b_key = f"{module}.lora_B.weight"
+        if b_key not in tensors:
+            raise ShapeMismatchError(f"{source}: LoRA module {module!r} has lora_A but no lora_B tensor")
+        alpha_m = next((v for k, v in alphas.items() if re.match(rf"(.*\.)?({k})$", module)), alpha)
+        out[b_key] = tensors[b_key] * ((alpha_m / root(a.shape[0])) / scale)
+    return out
