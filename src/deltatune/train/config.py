@@ -25,6 +25,9 @@ class ModelSection(StrictConfig):
     name: str = "smollm2-135m-instruct"
     task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
     num_labels: int | None = None  # sequence-classification: taken from the data when unset
+    # Start from this trained delta (deltatune or PEFT directory) and train it further; its own
+    # config replaces the recipe's delta section (e.g. fine-tuning again after a warm-up).
+    adapter: str | None = None
 
 
 class GenerateSection(StrictConfig):
@@ -144,6 +147,9 @@ class TrainRecipe(StrictConfig):
             raise ValueError("eval.metric exact_match needs model.task causal-lm")
         if self.eval.metric == "accuracy" and self.model.task != "sequence-classification":
             raise ValueError("eval.metric accuracy needs model.task sequence-classification")
+        if self.model.adapter is not None and "delta" in self.model_fields_set and self.delta is not None:
+            raise ValueError("model.adapter continues a trained delta, whose config is in its directory: "
+                             "remove the delta section (or set delta: null)")
         if self.train.token_selection is not None and self.model.task != "causal-lm":
             raise ValueError("train.token_selection selects target tokens and needs model.task causal-lm")
         return self

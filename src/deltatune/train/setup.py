@@ -76,6 +76,10 @@ def build_model(recipe: TrainRecipe, num_labels: int | None):
         if not num_labels:
             raise ConfigError("model.num_labels is unset and the data did not give the number of labels")
     model = deltatune.load_model(recipe.model.name, task=task, num_labels=num_labels if task == "sequence-classification" else None)
+    if recipe.model.adapter is not None:
+        model = deltatune.load_delta(model, recipe.model.adapter)
+        model.set_trainable(model.active)
+        return model
     delta = recipe.delta_config()
     if delta is None:
         for p in model.parameters():

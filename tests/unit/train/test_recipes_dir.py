@@ -7,10 +7,10 @@ import pytest
 from deltatune.cli.train_cmd import default_recipe
 from deltatune.train.config import load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[3] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[3] / "recipes").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1] if p.parent.name != "recipes" else p.parent)))
 def test_example_recipe_validates(path):
     if path.name.startswith("merge_"):
         from deltatune.algebra.recipe import load_merge_recipe
