@@ -4,7 +4,9 @@ Run by ``bench/methods_sst2.py`` in a fresh process per run (so peak RSS is the 
 must also run in the peers' venv (``.venv-peers``: AdapterHub pins transformers 4.x), so it
 imports deltatune, peft or adapters only inside the branch that uses it, and everything else —
 data, loop, schedule, evaluation — is shared by all implementations so that only the method
-implementation differs.
+implementation differs. Training examples/s leaves out the first ``--untimed-steps`` steps
+(first-call and allocator costs); the result also names the attention implementation the model
+ran with, so that a difference between transformers versions shows (MiniLM: ``sdpa`` on both).
 
     python bench/sst2_worker.py --impl deltatune --method lora --steps 300
 """
@@ -142,6 +144,8 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--virtual-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--untimed-steps", type=int, default=5,
+                        help="first steps left out of examples/s (allocator warm-up, lazy init, first-call costs)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -171,8 +175,11 @@ def main() -> None:
     stream = batches(train_rows, args.batch_size, random.Random(args.seed))
     pad_id = tokenizer.pad_token_id
     loss_fn = torch.nn.CrossEntropyLoss()
+    untimed = min(args.untimed_steps, args.steps - 1)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for step in range(args.steps):
+        if step == untimed:
+            timed_start, timed_cpu = time.perf_counter(), time.process_time()
         input_ids, mask, labels = collate(next(stream), pad_id)
         loss = loss_fn(model(input_ids=input_ids, attention_mask=mask).logits.float(), labels)
         loss.backward()
@@ -182,14 +189,20 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(loss.item()):
             sys.exit(f"{args.impl}/{args.method}: loss is {loss.item()}")
-    train_s = time.perf_counter() - start
+    end, end_cpu = time.perf_counter(), time.process_time()
+    train_s, timed_s = end - start, end - timed_start
     result = {
         "impl": args.impl,
         "method": args.method,
         "trainable": trainable,
         "accuracy": accuracy(model, eval_rows, pad_id),
-        "examples_per_s": args.steps * args.batch_size / train_s,
+        "examples_per_s": (args.steps - untimed) * args.batch_size / timed_s,
         "train_s": train_s,
+        # CPU seconds of the timed steps (all threads): beside wall time, it shows how much of a
+        # slow run was time spent waiting for a core on a busy machine.
+        "timed_cpu_s": end_cpu - timed_cpu,
+        "timed_s": timed_s,
+        "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "final_loss": loss.item(),
     }
