@@ -121,6 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="method names (default: all)")
     parser.add_argument("--peers", nargs="*", default=["peft", "adapters"])
+    parser.add_argument("--no-deltatune", dest="deltatune", action="store_false",
+                        help="run only the peers' implementations (e.g. to complete an earlier deltatune-only run)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1: examples/s comparable)")
@@ -144,7 +146,8 @@ def main() -> None:
         if config is not None and config["method"] not in registered:
             print(f"  deltatune/{method}: skipped, method {config['method']!r} is not registered")
             continue
-        runs.append(("deltatune", method))
+        if args.deltatune:
+            runs.append(("deltatune", method))
         runs += [(peer, method) for peer in peers if method in PEER_RUNS[peer]]
     # --jobs > 1 runs several processes at once: faster on a shared machine, but then examples/s
     # are only comparable within one run of the script, not to a quiet machine.
