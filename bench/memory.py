@@ -146,8 +146,8 @@ def worker(args) -> dict:
 
     # As the training loop does (freed activations go back to the OS): the recipe's
     # train.malloc_mmap_threshold_mb if given (--mmap-threshold), else the optimizer's default.
-    threshold = mmap_threshold_mb(args.mmap_threshold, RUNS.get(args.optimizer, {}).get("name", "adamw"))
-    tune_allocator(int(threshold * 2**20))
+    args.mmap_threshold = mmap_threshold_mb(args.mmap_threshold, RUNS.get(args.optimizer, {}).get("name", "adamw"))
+    tune_allocator(int(args.mmap_threshold * 2**20))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = deltatune.load_tokenizer(args.model)
@@ -216,14 +216,12 @@ def worker(args) -> dict:
 
 
 def _result(args, peak, loaded_mb, peak_reset, times, state_max, start_loss, end_loss, anon_peak) -> dict:
-    from deltatune.utils.memory import mmap_threshold_mb
-
     timed = times[1:] or times  # step 1 pays one-time costs (allocator warm-up, GaLore's first SVD)
     return {"optimizer": args.optimizer, "peak_rss_mb": peak, "peak_anon_mb": anon_peak, "loaded_rss_mb": loaded_mb, "peak_reset": peak_reset,
             "optimizer_state_mb": state_max / 2**20, "tokens_per_s": len(timed) * args.batch_size * args.seq / sum(timed),
             "step_seconds": times, "start_loss": start_loss, "end_loss": end_loss, "steps": args.steps,
             "checkpointing": args.checkpointing,
-            "mmap_threshold_mb": mmap_threshold_mb(args.mmap_threshold, RUNS.get(args.optimizer, {}).get("name", "adamw"))}
+            "mmap_threshold_mb": args.mmap_threshold}
 
 
 # ---------------------------------------------------------------- driver

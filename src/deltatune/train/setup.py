@@ -77,9 +77,7 @@ def build_model(recipe: TrainRecipe, num_labels: int | None):
             raise ConfigError("model.num_labels is unset and the data did not give the number of labels")
     model = deltatune.load_model(recipe.model.name, task=task, num_labels=num_labels if task == "sequence-classification" else None)
     if recipe.model.adapter is not None:
-        model = deltatune.load_delta(model, recipe.model.adapter)
-        model.set_trainable(model.active)
-        return model
+        return deltatune.load_delta(model, recipe.model.adapter)  # loaded deltas are trainable, as attached ones are
     delta = recipe.delta_config()
     if delta is None:
         for p in model.parameters():
