@@ -49,12 +49,12 @@ PEER_RUNS = {
 }
 
 
-def run_one(impl: str, method: str, args) -> dict | None:
+def run_one(impl: str, method: str, seed: int, args) -> dict | None:
     config, lr = DELTATUNE_RUNS[method]
     python = str(PEERS_PYTHON) if impl == "adapters" else sys.executable
     cmd = [python, str(WORKER), "--impl", impl, "--method", method, "--lr", str(lr), "--steps", str(args.steps),
            "--train-examples", str(args.train_examples), "--eval-examples", str(args.eval_examples), "--data", args.data,
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--seed", str(seed)]
     if impl == "deltatune" and config is not None:
         cmd += ["--config", json.dumps(config)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -63,16 +63,29 @@ def run_one(impl: str, method: str, args) -> dict | None:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        print(f"  {impl}/{method}: FAILED ({tail[0][:200]})", flush=True)
-        return {"impl": impl, "method": method, "error": tail[0][:500]}
+        print(f"  {impl}/{method} seed {seed}: FAILED ({tail[0][:200]})", flush=True)
+        return {"impl": impl, "method": method, "seed": seed, "error": tail[0][:500]}
     result = json.loads(lines[-1][len("RESULT "):])
-    print(f"  {impl}/{method}: acc {result['accuracy']:.3f}, {result['examples_per_s']:.1f} ex/s, "
+    print(f"  {impl}/{method} seed {seed}: acc {result['accuracy']:.3f}, {result['examples_per_s']:.1f} ex/s, "
           f"{result['peak_rss_gb']:.2f} GB ({time.perf_counter() - started:.0f} s)", flush=True)
     return result
 
 
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One row per (impl, method): the mean of its seeds' numbers, with the accuracies kept for the spread."""
+    row = dict(runs[0])
+    for key in ("accuracy", "examples_per_s", "peak_rss_gb"):
+        row[key] = sum(r[key] for r in runs) / len(runs)
+    row["accuracies"] = [r["accuracy"] for r in runs]
+    return row
+
+
 def table(results: list[dict]) -> str:
-    by = {(r["impl"], r["method"]): r for r in results if "error" not in r}
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        if "error" not in r:
+            grouped.setdefault((r["impl"], r["method"]), []).append(r)
+    by = {key: mean_over_seeds(runs) for key, runs in grouped.items()}
     full = by.get(("deltatune", "full"))
     rows = ["| method | impl | trainable params | dev accuracy | Δ vs full FT | train examples/s | speed vs deltatune | peak RSS (GB) |",
             "|---|---|---|---|---|---|---|---|"]
@@ -87,7 +100,10 @@ def table(results: list[dict]) -> str:
             ours = by.get(("deltatune", method))
             delta_full = f"{100 * (r['accuracy'] - full['accuracy']):+.1f}" if full else "–"
             speed = f"{ours['examples_per_s'] / r['examples_per_s']:.2f}x" if ours and impl != "deltatune" else ""
-            rows.append(f"| {method} | {impl} | {r['trainable']:,} | {100 * r['accuracy']:.1f} % | {delta_full} | "
+            accuracy = f"{100 * r['accuracy']:.1f} %"
+            if len(r["accuracies"]) > 1:  # mean (min–max over n seeds)
+                accuracy += f" ({100 * min(r['accuracies']):.1f}–{100 * max(r['accuracies']):.1f}, {len(r['accuracies'])} seeds)"
+            rows.append(f"| {method} | {impl} | {r['trainable']:,} | {accuracy} | {delta_full} | "
                         f"{r['examples_per_s']:.1f} | {speed} | {r['peak_rss_gb']:.2f} |")
     return "\n".join(rows)
 
@@ -124,6 +140,8 @@ def main() -> None:
     parser.add_argument("--no-deltatune", dest="deltatune", action="store_false",
                         help="run only the peers' implementations (e.g. to complete an earlier deltatune-only run)")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds per run (data order, head and delta init); the table shows the mean and range")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1: examples/s comparable)")
     parser.add_argument("--train-examples", type=int, default=20000)
@@ -146,15 +164,16 @@ def main() -> None:
         if config is not None and config["method"] not in registered:
             print(f"  deltatune/{method}: skipped, method {config['method']!r} is not registered")
             continue
-        if args.deltatune:
-            runs.append(("deltatune", method))
-        runs += [(peer, method) for peer in peers if method in PEER_RUNS[peer]]
+        for seed in args.seeds:
+            if args.deltatune:
+                runs.append(("deltatune", method, seed))
+            runs += [(peer, method, seed) for peer in peers if method in PEER_RUNS[peer]]
     # --jobs > 1 runs several processes at once: faster on a shared machine, but then examples/s
     # are only comparable within one run of the script, not to a quiet machine.
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda run: run_one(run[0], run[1], args), runs))
+        results = list(pool.map(lambda run: run_one(*run, args), runs))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

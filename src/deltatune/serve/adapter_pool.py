@@ -2,7 +2,7 @@
 
 Any number of LoRA directories (deltatune's or PEFT's files) live under ``adapters_dir``; at most
 ``num_slots`` are resident. Residents are stacked per wrapped module as in
-:mod:`deltatune.serve.batched_lora` (``A [S, R, in]``, ``B·scale [S, out, R]``, zero-padded to the
+:mod:`deltatune.serve.batched_lora` (``A [S, R, in]``, ``(B·scale)ᵀ [S, R, out]``, zero-padded to the
 pool's ``max_rank``), so one batched matmul serves any mix of them.
 
 Threading: files are read and checked on a background thread (``request``); the decode thread
@@ -80,7 +80,7 @@ class AdapterPool:
         self.modules = dict(modules)
         self.num_slots, self.max_rank = num_slots, max_rank
         self.A = {m: torch.zeros(num_slots, max_rank, i, dtype=dtype, device=device) for m, (i, _) in modules.items()}
-        self.B = {m: torch.zeros(num_slots, o, max_rank, dtype=dtype, device=device) for m, (_, o) in modules.items()}
+        self.Bt = {m: torch.zeros(num_slots, max_rank, o, dtype=dtype, device=device) for m, (_, o) in modules.items()}
         # has[m][s]: whether slot s's adapter touches module m; rows of other slots skip m entirely.
         self.has = {m: torch.zeros(num_slots, dtype=torch.bool, device=device) for m in modules}
         self.has_list = {m: [False] * num_slots for m in modules}  # the same, for per-step planning in Python
@@ -163,13 +163,13 @@ class AdapterPool:
     def _install(self, slot: int, prepared: Prepared) -> None:
         for m in self.modules:
             self.A[m][slot].zero_()
-            self.B[m][slot].zero_()
+            self.Bt[m][slot].zero_()
             self.has[m][slot] = m in prepared
             self.has_list[m][slot] = m in prepared
             if m in prepared:
                 a, b = prepared[m]
                 self.A[m][slot, : a.shape[0]].copy_(a)
-                self.B[m][slot, :, : b.shape[1]].copy_(b)
+                self.Bt[m][slot, : b.shape[1]].copy_(b.T)
 
     # --- references (decode thread) ---
     def acquire(self, name: str) -> int:
@@ -189,4 +189,4 @@ class AdapterPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.A, self.B) for t in d.values())
+        return sum(t.numel() * t.element_size() for d in (self.A, self.Bt) for t in d.values())

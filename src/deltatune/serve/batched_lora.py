@@ -3,20 +3,26 @@
 S-LoRA / punica style. The adapters resident in memory are stacked per wrapped module::
 
     A      [S, R, in]    lora_A of slot s, rows beyond the adapter's rank r_s are zero
-    B      [S, out, R]   lora_B of slot s *already multiplied by its scale* (alpha / r), columns beyond r_s zero
+    Bt     [S, R, out]   lora_B of slot s, *transposed* and *already multiplied by its scale* (alpha / r),
+                         rows beyond r_s zero
     x      [b, t, in]    b requests (rows) of t tokens each (or [b, in])
     slots  [b] long      the slot of each row's adapter, or -1 for "no adapter"
 
 Semantics (the plain-PyTorch reference, :func:`lora_delta_reference`)::
 
-    y[i] += x[i] @ A[slots[i]].T @ B[slots[i]].T      for every i with slots[i] >= 0
+    y[i] += x[i] @ A[slots[i]].T @ Bt[slots[i]]      for every i with slots[i] >= 0
 
 Zero padding makes mixed ranks exact: the padded rank directions contribute ``0 · 0``.
 
 The fast path (:func:`add_batched_lora`) is a segmented matmul that moves activations, never
 weights: the tokens that have an adapter are scattered into a zero-padded block
 ``X [G, M, in]`` — group ``g`` holds the tokens of slot ``lo + g``, ``M`` the most tokens any
-slot has — and two batched matmuls run against the *views* ``A[lo:hi+1]`` and ``B[lo:hi+1]``.
+slot has — and two batched matmuls run against the *views* ``A[lo:hi+1]`` and ``Bt[lo:hi+1]``.
+B is kept transposed because the second product reads it with the rank as the inner dimension:
+a contiguous ``[R, out]`` per slot makes that batched product ~1.4x faster on a CPU than a
+transposed view of ``[out, R]`` (measured in session 5). When the tokens are already in group
+order (one adapter for all rows, or slots in row order) the second product accumulates straight
+into ``y`` (``baddbmm_``), with no temporary and no separate add.
 Each resident adapter's weights are read once per call and never copied (gathering a weight
 copy per row, the obvious alternative, moves ``b·R·(in+out)`` floats per module and costs more
 than the matmuls). No Python loop over requests or adapters; rows with ``-1`` are not touched
@@ -30,12 +36,12 @@ from dataclasses import dataclass
 import torch
 
 
-def lora_delta_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def lora_delta_reference(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The LoRA term for every row, one row at a time (slow, obviously correct). Shapes as in the module doc."""
-    out = torch.zeros(*x.shape[:-1], B.shape[1], dtype=x.dtype, device=x.device)
+    out = torch.zeros(*x.shape[:-1], Bt.shape[2], dtype=x.dtype, device=x.device)
     for i, s in enumerate(slots.tolist()):
         if s >= 0:
-            out[i] = (x[i].to(A.dtype) @ A[s].T @ B[s].T).to(x.dtype)
+            out[i] = (x[i].to(A.dtype) @ A[s].T @ Bt[s]).to(x.dtype)
     return out
 
 
@@ -77,7 +83,7 @@ def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
     return LoraPlan(tokens, group, pos, lo, hi, width, dense, perm)
 
 
-def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor,
                      plan: LoraPlan | None | bool = True) -> torch.Tensor:
     """``y += lora_delta_reference(x, A, B, slots)`` in place; returns ``y``.
 
@@ -97,13 +103,18 @@ def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch
         block = x2.new_zeros((groups, plan.width, x2.shape[1]), dtype=A.dtype)
         block[plan.group, plan.pos] = x2.index_select(0, plan.tokens).to(A.dtype)
     hidden = torch.bmm(block, A[plan.lo: plan.hi + 1].transpose(1, 2))          # [G, M, R]
-    out = torch.bmm(hidden, B[plan.lo: plan.hi + 1].transpose(1, 2))            # [G, M, out]
+    Bt = Bt[plan.lo: plan.hi + 1]
+    if plan.dense and plan.perm is None and y.dtype == Bt.dtype and y.is_contiguous():
+        y.view(groups, plan.width, -1).baddbmm_(hidden, Bt)                     # y += hidden @ Bt, in place
+        return y
+    out = torch.bmm(hidden, Bt)                                                 # [G, M, out]
     if plan.dense:
         out = out.view(-1, out.shape[-1]).to(y.dtype)
         if plan.perm is None:
             return y.add_(out.view(y.shape))
-        y2.index_put_((plan.perm,), out, accumulate=True)
+        y2.index_add_(0, plan.perm, out)
         return y
-    # index_put_ (not index_add_): index_add_ goes parallel even for a handful of rows, slow on a busy CPU.
-    y2.index_put_((plan.tokens,), out[plan.group, plan.pos].to(y.dtype), accumulate=True)
+    # index_add_, not index_put_(accumulate=True): the latter is ~25x slower on a CPU (18 ms vs 0.7 ms
+    # for 2,048 x 1,536, measured in session 5) and made mixed batches slower than one adapter.
+    y2.index_add_(0, plan.tokens, out[plan.group, plan.pos].to(y.dtype))
     return y

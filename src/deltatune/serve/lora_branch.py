@@ -49,4 +49,4 @@ class ServedLoraBranch(DeltaBranch):
         if not self.ctx.active:
             return base_out
         plan = self.ctx.plan(self.pool.has_list[self.module])
-        return add_batched_lora(base_out, x, self.pool.A[self.module], self.pool.B[self.module], None, plan)
+        return add_batched_lora(base_out, x, self.pool.A[self.module], self.pool.Bt[self.module], None, plan)

@@ -40,7 +40,7 @@ def test_reads_peft_files_with_scale_folded_and_padding(tmp_path):
     slot = _load(pool, "a")
     q = "model.layers.0.self_attn.q_proj"
     assert torch.equal(pool.A[q][slot, :2], torch.full((2, 8), 0.5)) and torch.equal(pool.A[q][slot, 2:], torch.zeros(2, 8))
-    assert torch.equal(pool.B[q][slot, :, :2], torch.full((8, 2), 1.0)) and torch.equal(pool.B[q][slot, :, 2:], torch.zeros(8, 2))
+    assert torch.equal(pool.Bt[q][slot, :2], torch.full((2, 8), 1.0)) and torch.equal(pool.Bt[q][slot, 2:], torch.zeros(2, 8))
     assert pool.has[q][slot] and not pool.has["model.layers.0.mlp.down_proj"][slot]
 
 

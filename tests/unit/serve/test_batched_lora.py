@@ -10,13 +10,13 @@ def _stack(ranks, n_in, n_out, max_rank, seed=0):
     """Slots of different ranks zero-padded to max_rank, plus the unpadded factors."""
     g = torch.Generator().manual_seed(seed)
     A = torch.zeros(len(ranks), max_rank, n_in)
-    B = torch.zeros(len(ranks), n_out, max_rank)
+    Bt = torch.zeros(len(ranks), max_rank, n_out)
     raw = []
     for s, r in enumerate(ranks):
         a, b = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
-        A[s, :r], B[s, :, :r] = a, b
+        A[s, :r], Bt[s, :r] = a, b.T
         raw.append((a, b))
-    return A, B, raw
+    return A, Bt, raw
 
 
 def test_matches_reference_and_unpadded_math_with_mixed_ranks():
