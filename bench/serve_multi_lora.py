@@ -95,6 +95,8 @@ def best_of(fn, repeats: int) -> float:
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -102,8 +104,9 @@ def best_of(fn, repeats: int) -> float:
 def hf_generate(model, tokenizer, prompts, new, adapter_names=None):
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
@@ -200,6 +203,7 @@ def main() -> int:
     ap.add_argument("--ns", default="1,8,32")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the models run (e.g. cuda); the targets are for the CPU")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--load-test", help="C,R: C concurrent streaming clients sending R requests in all")
@@ -229,10 +233,13 @@ def run(args, ns: list[int], root: Path) -> int:
         tps[key] = round(tokens / seconds, 1)
         print(f"{key:>16}: {tps[key]:8.1f} tokens/s", flush=True)
 
-    base = deltatune.load_model(args.model).eval()
+    def load():
+        return deltatune.load_model(args.model).to(args.device)
+
+    base = load().eval()
     record("hf_base", best_of(lambda: hf_generate(base, tokenizer, prompts, args.new), args.repeats))
 
-    engine = Engine(deltatune.load_model(args.model), root, tokenizer, max_batch=args.batch, max_len=64 + args.new + 8,
+    engine = Engine(load(), root, tokenizer, max_batch=args.batch, max_len=64 + args.new + 8,
                     lora_slots=max(32, max(ns)), max_lora_rank=args.rank, prefill_budget=4096)
     greedy = SamplingParams(max_tokens=args.new, ignore_eos=True)
     record("engine_N0", best_of(lambda: engine.generate(prompts, [None] * args.batch, greedy), args.repeats))
@@ -243,7 +250,7 @@ def run(args, ns: list[int], root: Path) -> int:
     if not args.skip_peft:
         from peft import PeftModel
 
-        peft = PeftModel.from_pretrained(deltatune.load_model(args.model), str(root / names[0]), adapter_name=names[0])
+        peft = PeftModel.from_pretrained(load(), str(root / names[0]), adapter_name=names[0])
         for name in names[1: max(ns)]:
             peft.load_adapter(str(root / name), adapter_name=name)
         peft.eval()

@@ -52,7 +52,9 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     tokens = logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if p.temperature > 0:
-            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).softmax(-1)
+            # Drawn on the CPU with the request's CPU generator whatever the model's device: a seed
+            # gives the same tokens on CPU and GPU, and CUDA's multinomial would refuse a CPU generator.
+            probs = filter_logits(logits[i].float().cpu(), p.temperature, p.top_k, p.top_p).softmax(-1)
             tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens
 
