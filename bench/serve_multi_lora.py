@@ -9,8 +9,8 @@ each N in ``--ns``. Reported: generated tokens/s of
 - ``peft``: PEFT's mixed-adapter batch, ``generate(..., adapter_names=[...])``;
 - ``engine``: ``deltatune.serve.Engine.generate`` (N = 0: no adapter on any request).
 
-Each timing is the best of ``--repeats`` runs after one warm-up (the engine's warm-up also
-loads the adapters). ``--load-test C,R`` additionally starts the HTTP server on 127.0.0.1 and
+Each timing is the best of ``--repeats`` rounds after one warm-up (the engine's warm-up also
+loads the adapters); every round times every system once, in turn. ``--load-test C,R`` additionally starts the HTTP server on 127.0.0.1 and
 sends R streaming requests from C concurrent clients over ``--load-adapters`` adapters
 (resident slots: 32), reporting errors, p50/p99 latency and tokens/s.
 
@@ -89,16 +89,21 @@ def make_prompts(tokenizer, batch: int) -> list[list[int]]:
     return prompts
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def interleaved_best(systems: dict, repeats: int) -> dict[str, float]:
+    """Best time per system over ``repeats`` rounds, each round timing every system once in turn
+    (after one warm-up call each). Interleaving puts a slow spell of a shared machine into one
+    round of every system instead of into all repeats of one system."""
+    for fn in systems.values():
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    best = {key: float("inf") for key in systems}
+    for _ in range(repeats):
+        for key, fn in systems.items():
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[key] = min(best[key], time.perf_counter() - t)
+    return best
 
 
 def hf_generate(model, tokenizer, prompts, new, adapter_names=None):
@@ -204,7 +209,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="where the models run (e.g. cuda); the targets are for the CPU")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--load-test", help="C,R: C concurrent streaming clients sending R requests in all")
     ap.add_argument("--load-adapters", type=int, default=64)
@@ -229,24 +234,19 @@ def run(args, ns: list[int], root: Path) -> int:
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "torch_threads": torch.get_num_threads(), "tokens_per_s": {}}
     tps = results["tokens_per_s"]
 
-    def record(key, seconds):
-        tps[key] = round(tokens / seconds, 1)
-        print(f"{key:>16}: {tps[key]:8.1f} tokens/s", flush=True)
-
     def load():
         return deltatune.load_model(args.model).to(args.device)
 
+    systems: dict[str, object] = {}  # key → a function that generates the whole batch once
     base = load().eval()
-    record("hf_base", best_of(lambda: hf_generate(base, tokenizer, prompts, args.new), args.repeats))
-
+    systems["hf_base"] = lambda: hf_generate(base, tokenizer, prompts, args.new)
     engine = Engine(load(), root, tokenizer, max_batch=args.batch, max_len=64 + args.new + 8,
                     lora_slots=max(32, max(ns)), max_lora_rank=args.rank, prefill_budget=4096)
     greedy = SamplingParams(max_tokens=args.new, ignore_eos=True)
-    record("engine_N0", best_of(lambda: engine.generate(prompts, [None] * args.batch, greedy), args.repeats))
+    systems["engine_N0"] = lambda: engine.generate(prompts, [None] * args.batch, greedy)
     for n in ns:
         ads = [names[i % n] for i in range(args.batch)]
-        record(f"engine_N{n}", best_of(lambda ads=ads: engine.generate(prompts, ads, greedy), args.repeats))
-
+        systems[f"engine_N{n}"] = lambda ads=ads: engine.generate(prompts, ads, greedy)
     if not args.skip_peft:
         from peft import PeftModel
 
@@ -256,7 +256,10 @@ def run(args, ns: list[int], root: Path) -> int:
         peft.eval()
         for n in ns:
             ads = [names[i % n] for i in range(args.batch)]
-            record(f"peft_N{n}", best_of(lambda ads=ads: hf_generate(peft, tokenizer, prompts, args.new, ads), args.repeats))
+            systems[f"peft_N{n}"] = lambda ads=ads: hf_generate(peft, tokenizer, prompts, args.new, ads)
+    for key, seconds in interleaved_best(systems, args.repeats).items():
+        tps[key] = round(tokens / seconds, 1)
+        print(f"{key:>16}: {tps[key]:8.1f} tokens/s", flush=True)
 
     if args.load_test:
         clients, requests = (int(x) for x in args.load_test.split(","))

@@ -85,7 +85,7 @@ def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
 
 def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor,
                      plan: LoraPlan | None | bool = True) -> torch.Tensor:
-    """``y += lora_delta_reference(x, A, B, slots)`` in place; returns ``y``.
+    """``y += lora_delta_reference(x, A, Bt, slots)`` in place; returns ``y``.
 
     ``x``: [b, t, in] or [b, in]; ``y``: [b, t, out] or [b, out], contiguous. ``plan``: a
     precomputed :func:`plan_lora` for these ``slots`` (None: no row has an adapter), or True to build it here.
