@@ -44,12 +44,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def select(work: Path, name: str, strategy: dict, budget: float, cache: Path, target: Path) -> tuple[Path, float]:
+def select(work: Path, name: str, strategy: dict, budget: float, cache: Path, target: Path,
+           pool: Path = SST2 / "train.tsv", scoring: dict | None = None) -> tuple[Path, float]:
+    """Run one strategy through ``deltatune.select`` (``scoring``: the recipe's ``model`` section, for
+    strategies that score with a language model)."""
     from deltatune.select import run_selection, validate_select_recipe
 
-    data = {"strategy": strategy, "pool": {"path": str(SST2 / "train.tsv")}, "budget": budget, "progress": False,
+    data = {"strategy": strategy, "pool": {"path": str(pool)}, "budget": budget, "progress": False,
             "embedding": {"model": "minilm-l6", "batch_size": 128, "cache_dir": str(cache), "threads": 1},
             "output": {"path": str(work / f"{name}.jsonl")}}
+    if scoring:
+        data["model"] = scoring
     if strategy["name"] == "got_d":
         data["target"] = {"path": str(target)}
     result = run_selection(validate_select_recipe(data))
@@ -75,6 +80,42 @@ def train_eval(work: Path, name: str, train_path: Path, eval_path: Path, steps: 
     return {"accuracy": result["after"]["accuracy"], "train_seconds": time.perf_counter() - t}
 
 
+def safe_name(strategy: str) -> str:
+    """A file-name-safe form of a strategy label such as ``quality(length)``."""
+    return strategy.replace("(", "_").replace(")", "").replace(",", "_")
+
+
+def compare(work: Path, pool: list[dict], n: int, seeds: list[int], strategies: list[str], train_one, select_one) -> list[dict]:
+    """Train on ``n`` random pool rows per seed, then on each strategy's choice; one row of results per run.
+    ``train_one(name, path)`` → metrics; ``select_one(strategy, safe_name)`` → (selection path, seconds)."""
+    rows = []
+    for seed in seeds:
+        subset = [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
+        path = write_jsonl(work / f"random{seed}.jsonl", subset)
+        rows.append({"strategy": "random", "seed": seed, "select_seconds": 0.0, **train_one(f"random{seed}", path)})
+        print(rows[-1], flush=True)
+    for name in strategies:
+        path, seconds = select_one(name, safe_name(name))
+        rows.append({"strategy": name, "seed": 0, "select_seconds": seconds, **train_one(safe_name(name), path)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def report(rows: list[dict], metric: str, higher_is_better: bool, out: Path, meta: dict) -> None:
+    """Write the JSON (runs + the random seeds' mean/min/max/spread) and print the markdown table."""
+    rand = [r[metric] for r in rows if r["strategy"] == "random"]
+    summary = {"random_mean": statistics.mean(rand), "random_min": min(rand), "random_max": max(rand), "random_spread": max(rand) - min(rand)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**meta, "runs": rows, "summary": summary}, indent=2) + "\n")
+    best = summary["random_max"] if higher_is_better else summary["random_min"]
+    print(f"\n| strategy | {metric} | vs random mean | beyond the best random seed? | select s |\n|---|---|---|---|---|")
+    for r in rows:
+        beyond = r[metric] > best if higher_is_better else r[metric] < best
+        mark = "" if r["strategy"] == "random" else ("yes" if beyond else "no")
+        label = f"random (seed {r['seed']})" if r["strategy"] == "random" else r["strategy"]
+        print(f"| {label} | {r[metric]:.4f} | {r[metric] - summary['random_mean']:+.4f} | {mark} | {r['select_seconds']:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=0.05)
@@ -94,28 +135,11 @@ def main() -> None:
     eval_rows = dev[args.target:][: args.max_eval] if args.max_eval else dev[args.target:]
     eval_path = write_jsonl(args.work / "eval.jsonl", eval_rows)
     n = max(1, round(args.budget * len(pool)))
-    rows = []
-    for seed in args.random_seeds:
-        subset = [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
-        path = write_jsonl(args.work / f"random{seed}.jsonl", subset)
-        rows.append({"strategy": "random", "seed": seed, "select_seconds": 0.0, **train_eval(args.work, f"random{seed}", path, eval_path, args.steps, 0)})
-        print(rows[-1], flush=True)
-    for name in args.only:
-        path, seconds = select(args.work, name.replace("(", "_").replace(")", ""), STRATEGIES[name], args.budget, args.cache, target)
-        rows.append({"strategy": name, "seed": 0, "select_seconds": seconds, **train_eval(args.work, name, path, eval_path, args.steps, 0)})
-        print(rows[-1], flush=True)
-
-    rand = [r["accuracy"] for r in rows if r["strategy"] == "random"]
-    summary = {"random_mean": statistics.mean(rand), "random_min": min(rand), "random_max": max(rand), "random_spread": max(rand) - min(rand)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "pool": len(pool), "subset": n,
-                                    "eval_sentences": len(eval_rows), "runs": rows, "summary": summary}, indent=2) + "\n")
-    print("\n| strategy | dev accuracy | vs random mean | beats random max? | select s |\n|---|---|---|---|---|")
-    for r in rows:
-        beats = "" if r["strategy"] == "random" else ("yes" if r["accuracy"] > summary["random_max"] else "no")
-        label = f"random (seed {r['seed']})" if r["strategy"] == "random" else r["strategy"]
-        print(f"| {label} | {100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - summary['random_mean']):+.2f} | {beats} | {r['select_seconds']:.0f} |")
-
+    rows = compare(args.work, pool, n, args.random_seeds, args.only,
+                   train_one=lambda name, path: train_eval(args.work, name, path, eval_path, args.steps, 0),
+                   select_one=lambda name, safe: select(args.work, safe, STRATEGIES[name], args.budget, args.cache, target))
+    report(rows, "accuracy", higher_is_better=True, out=args.out,
+           meta={"config": {k: str(v) for k, v in vars(args).items()}, "pool": len(pool), "subset": n, "eval_sentences": len(eval_rows)})
 
 if __name__ == "__main__":
     main()
