@@ -64,7 +64,7 @@ def train_eval(work: Path, name: str, train_path: Path, eval_path: Path, steps: 
     })
     t = time.perf_counter()
     result = train(recipe)
-    return {"before_loss": (result["before"] or {}).get("loss"), "loss": result["after"]["loss"], "train_seconds": time.perf_counter() - t}
+    return {"loss": result["after"]["loss"], "train_seconds": time.perf_counter() - t}
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ each N in ``--ns``. Reported: generated tokens/s of
 - ``engine``: ``deltatune.serve.Engine.generate`` (N = 0: no adapter on any request).
 
 Each timing is the best of ``--repeats`` rounds after one warm-up (the engine's warm-up also
-loads the adapters); every round times every system once, in turn. ``--load-test C,R`` additionally starts the HTTP server on 127.0.0.1 and
-sends R streaming requests from C concurrent clients over ``--load-adapters`` adapters
-(resident slots: 32), reporting errors, p50/p99 latency and tokens/s.
+loads the adapters); every round times every system once, in turn. ``--load-test C,R``
+additionally starts the HTTP server on 127.0.0.1 and sends R streaming requests from C concurrent
+clients over ``--load-adapters`` adapters (resident slots: 32), reporting errors, p50/p99 latency and tokens/s.
 
     .venv/bin/python bench/serve_multi_lora.py --threads 2 --out /tmp/serve.json
     .venv/bin/python bench/serve_multi_lora.py --batch 8 --new 8 --ns 1,8 --load-test 8,32
@@ -267,7 +267,7 @@ def run(args, ns: list[int], root: Path) -> int:
         load_rank = args.load_rank or args.rank
         load_root = root.parent / "load"
         load_names = make_adapters(args.model, load_root, args.load_adapters, load_rank)
-        served = Engine(deltatune.load_model(args.model), load_root, tokenizer, max_batch=min(clients, 32), max_len=256, lora_slots=32,
+        served = Engine(load(), load_root, tokenizer, max_batch=min(clients, 32), max_len=256, lora_slots=32,
                         max_lora_rank=load_rank)
         results["load_test"] = load_test(served, load_names, clients, requests, args.new)
         print(json.dumps(results["load_test"], indent=2))
