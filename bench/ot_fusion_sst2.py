@@ -38,20 +38,26 @@ def read_tsv(path: Path) -> list[tuple[str, int]]:
     return [(s.strip(), int(label)) for s, label in rows[1:]]
 
 
-def head_model(seed: int, hidden: int, activation: str):
-    """MiniLM-L6 for 2-label classification with a seeded ``Linear(384, hidden) → act → Linear(hidden, 2)`` head."""
+def head_model(seed: int, hidden: int, activation: str, depth: int = 1, source: str = "minilm-l6"):
+    """MiniLM-L6 for 2-label classification with a seeded head of ``depth`` hidden layers:
+    ``Linear(384, hidden) → act → … → Linear(hidden, 2)``."""
     import deltatune
 
     torch.manual_seed(seed)
-    model = deltatune.load_model("minilm-l6", task="sequence-classification", num_labels=2)
-    width = model.config.hidden_size
-    model.classifier = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, 2))
+    model = deltatune.load_model(source, task="sequence-classification", num_labels=2)
+    layers, width = [], model.config.hidden_size
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+        width = hidden
+    model.classifier = nn.Sequential(*layers, nn.Linear(width, 2))
     return model
 
 
-def fine_tune(model, rows, tokenizer, seed: int, steps: int, batch: int, lr: float, head_lr: float, max_len: int):
-    """Full fine-tuning, AdamW, linear decay; data order from ``seed``."""
+def fine_tune(model, rows, tokenizer, seed: int, steps: int, batch: int, lr: float, head_lr: float, max_len: int,
+              device: str = "cpu"):
+    """Full fine-tuning (encoder at ``lr``, 0 = frozen), AdamW, linear decay; data order from ``seed``."""
     rows = list(rows)
+    model.to(device)
     random.Random(seed).shuffle(rows)
     head = list(model.classifier.parameters())
     ids = {id(p) for p in head}
@@ -62,22 +68,23 @@ def fine_tune(model, rows, tokenizer, seed: int, steps: int, batch: int, lr: flo
     for step in range(steps):
         chunk = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
         enc = tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        loss = model(**enc, labels=torch.tensor([y for _, y in chunk])).loss
+        loss = model(**enc.to(device), labels=torch.tensor([y for _, y in chunk], device=device)).loss
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad()
-    return model.eval()
+    return model.cpu().eval()
 
 
 @torch.no_grad()
-def scores(model, rows, tokenizer, max_len: int) -> tuple[float, float]:
+def scores(model, rows, tokenizer, max_len: int, device: str = "cpu") -> tuple[float, float]:
     """(accuracy, mean negative log-likelihood) on ``rows``."""
-    model.eval()
+    model.to(device).eval()
     logits = []
     for i in range(0, len(rows), 128):
         enc = tokenizer([s for s, _ in rows[i:i + 128]], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        logits.append(model(**enc).logits)
+        logits.append(model(**enc.to(device)).logits.float().cpu())
+    model.cpu()
     logits, labels = torch.cat(logits), torch.tensor([y for _, y in rows])
     return float((logits.argmax(-1) == labels).float().mean()), float(nn.functional.cross_entropy(logits, labels))
 
@@ -115,8 +122,20 @@ def head_match(a, b, dev_enc) -> dict[str, float]:
     for name, t in plans.items():
         x, y = fa - fa.mean(1, keepdim=True), t @ fb
         y = y - y.mean(1, keepdim=True)
-        out[name] = float(((x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))).mean())
+        corr = (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))
+        out[name] = float(corr.nanmean())  # a dead ReLU unit (constant output) has no correlation
     return out
+
+
+def paired_summary(results: list[dict], column: str, baseline: str = "average") -> dict:
+    """OT fusion vs plain averaging over the seed pairs: mean accuracy of both, the mean paired
+    difference with its standard error, and wins / ties / losses (by dev rows, not by noise)."""
+    diffs = torch.tensor([r[column][0] - r[baseline][0] for r in results], dtype=torch.float64)
+    sem = float(diffs.std() / len(diffs) ** 0.5) if len(diffs) > 1 else float("nan")
+    return {"pairs": len(diffs), column: sum(r[column][0] for r in results) / len(results),
+            baseline: sum(r[baseline][0] for r in results) / len(results), "mean_difference": float(diffs.mean()),
+            "standard_error": sem, "wins": int((diffs > 1e-9).sum()), "ties": int((diffs.abs() <= 1e-9).sum()),
+            "losses": int((diffs < -1e-9).sum())}
 
 
 def main(argv=None) -> dict:
@@ -127,34 +146,42 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=1, help="hidden layers in the classification head")
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh")
     parser.add_argument("--max-len", type=int, default=48)
     parser.add_argument("--eval", type=int, default=872)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ot_fusion_sst2"))
+    parser.add_argument("--model", default="minilm-l6", help="registry name or local directory of MiniLM-L6")
+    parser.add_argument("--data", type=Path, default=SST2, help="folder with SST-2's train.tsv / validation.tsv")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import deltatune
     from deltatune.algebra.ot_fusion import neuron_groups, ot_fuse
 
-    tokenizer = deltatune.load_tokenizer("minilm-l6")
-    train = read_tsv(SST2 / "train.tsv")[: args.steps * args.batch]
-    dev = read_tsv(SST2 / "validation.tsv")[: args.eval]
+    tokenizer = deltatune.load_tokenizer(args.model)
+    train = read_tsv(args.data / "train.tsv")[: args.steps * args.batch]
+    dev = read_tsv(args.data / "validation.tsv")[: args.eval]
     dev_enc = tokenizer([s for s, _ in dev[:256]], padding=True, truncation=True, max_length=args.max_len, return_tensors="pt")
     args.cache.mkdir(parents=True, exist_ok=True)
-    setting = f"h{args.hidden}-{args.activation}-s{args.steps}-b{args.batch}-lr{args.lr:g}-hlr{args.head_lr:g}-len{args.max_len}"
+    depth = f"x{args.depth}" if args.depth > 1 else ""
+    setting = f"h{args.hidden}{depth}-{args.activation}-s{args.steps}-b{args.batch}-lr{args.lr:g}-hlr{args.head_lr:g}-len{args.max_len}"
 
     def trained(seed: int):
-        model = head_model(seed, args.hidden, args.activation)
+        model = head_model(seed, args.hidden, args.activation, args.depth, args.model)
         path = args.cache / f"{setting}-seed{seed}.pt"
         if path.exists():
-            model.load_state_dict(torch.load(path))
+            model.load_state_dict(torch.load(path, weights_only=True))
             return model.eval()
         t0 = time.process_time()
-        fine_tune(model, train, tokenizer, seed, args.steps, args.batch, args.lr, args.head_lr, args.max_len)
+        fine_tune(model, train, tokenizer, seed, args.steps, args.batch, args.lr, args.head_lr, args.max_len, args.device)
         print(f"seed {seed}: fine-tuned in {time.process_time() - t0:.0f} s CPU", file=sys.stderr, flush=True)
         torch.save(model.state_dict(), path)
         return model
+
+    def score(model):
+        return scores(model, dev, tokenizer, args.max_len, args.device)
 
     results = []
     for pair in args.pairs:
@@ -162,17 +189,17 @@ def main(argv=None) -> dict:
         a, b = trained(sa), trained(sb)
         groups = [g.inputs for g in neuron_groups(a)]
         assert ("classifier.0",) in groups, groups
-        row = {"seeds": [sa, sb], "a": scores(a, dev, tokenizer, args.max_len), "b": scores(b, dev, tokenizer, args.max_len),
-               "average": scores(average([a, b]), dev, tokenizer, args.max_len)}
+        row = {"seeds": [sa, sb], "a": score(a), "b": score(b), "average": score(average([a, b]))}
         for heads in (False, True):
             fused = copy.deepcopy(a)
             fused.load_state_dict(ot_fuse([a, b], heads=heads))
-            row[f"ot{'_heads' if heads else ''}"] = scores(fused, dev, tokenizer, args.max_len)
+            row[f"ot{'_heads' if heads else ''}"] = score(fused)
         row["head_match"] = head_match(a, b, dev_enc)
         print(json.dumps(row), file=sys.stderr, flush=True)
         results.append(row)
+    summary = paired_summary(results, "ot")
     report = {"setting": setting, "eval_rows": len(dev), "train_rows": len(train),
-              "metrics": ["accuracy", "nll"], "results": results}
+              "metrics": ["accuracy", "nll"], "results": results, "summary": summary}
     columns = [k for k in results[0] if k not in ("seeds", "head_match")]
     print("| seeds | " + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
     for r in results:
@@ -180,6 +207,10 @@ def main(argv=None) -> dict:
     print("\nhead units paired (mean activation correlation on 256 dev sentences):")
     for r in results:
         print(f"  seeds {r['seeds']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["head_match"].items()))
+    print(f"\nOT fusion vs plain average over {summary['pairs']} pairs: {100 * summary['ot']:.2f} % vs "
+          f"{100 * summary['average']:.2f} %, difference {100 * summary['mean_difference']:+.2f} ± "
+          f"{100 * summary['standard_error']:.2f} points (s.e.), wins / ties / losses "
+          f"{summary['wins']} / {summary['ties']} / {summary['losses']}")
     print(json.dumps(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -27,6 +27,7 @@ MODEL = "smollm2-135m-instruct"
 STRATEGIES = {
     "got_d": {"name": "got_d"},
     "diversity": {"name": "diversity", "clusters": 32},
+    "diversity(loss)": {"name": "diversity", "clusters": 32, "mode": "loss"},
     "quality(perplexity,length)": {"name": "quality", "weights": {"perplexity": -1.0, "length": 0.5}},
 }
 

@@ -51,6 +51,29 @@ def test_fusing_a_model_with_its_permuted_copy_gives_the_model_back(heads):
         assert (avg(input_ids=ids).last_hidden_state - ref).abs().max() > 1e-2
 
 
+def test_deep_classifier_head_of_an_encoder_is_aligned_layer_by_layer(tiny_bert_cls):
+    """The shape of bench/ot_fusion_sst2.py --depth 3: a BERT classifier whose head is an MLP with
+    three hidden layers. Each hidden layer is its own group after the encoder's FFN blocks, and
+    fusing the model with a relabelled copy gives the model's logits back (plain averaging does not)."""
+    torch.manual_seed(3)
+    model = copy.deepcopy(tiny_bert_cls).eval()
+    width = model.config.hidden_size
+    model.classifier = nn.Sequential(nn.Linear(width, 12), nn.GELU(), nn.Linear(12, 12), nn.GELU(),
+                                     nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 2)).eval()
+    groups = neuron_groups(model)
+    assert [g.inputs for g in groups][-3:] == [("classifier.0",), ("classifier.2",), ("classifier.4",)]
+    assert [g.outputs for g in groups][-3:] == [("classifier.2",), ("classifier.4",), ("classifier.6",)]
+    twin = permuted(model, seed=4)
+    ids = torch.randint(0, 128, (3, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert torch.allclose(twin(input_ids=ids).logits, ref, atol=1e-5)
+        assert torch.allclose(ot_fuse_model([model, twin])(input_ids=ids).logits, ref, atol=1e-5)
+        avg = copy.deepcopy(model)
+        avg.load_state_dict({k: (v + twin.state_dict()[k]) / 2 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+        assert (avg(input_ids=ids).logits - ref).abs().max() > 1e-3
+
+
 def test_mlp_chain_alignment_recovers_each_layer_permutation():
     a = mlp(0)
     b = permuted(a, seed=2)
