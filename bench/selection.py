@@ -45,13 +45,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def select(work: Path, name: str, strategy: dict, budget: float, cache: Path, target: Path,
-           pool: Path = SST2 / "train.tsv", scoring: dict | None = None) -> tuple[Path, float]:
+           pool: Path = SST2 / "train.tsv", scoring: dict | None = None, embedder: str = "minilm-l6",
+           threads: int = 1) -> tuple[Path, float]:
     """Run one strategy through ``deltatune.select`` (``scoring``: the recipe's ``model`` section, for
     strategies that score with a language model)."""
     from deltatune.select import run_selection, validate_select_recipe
 
     data = {"strategy": strategy, "pool": {"path": str(pool)}, "budget": budget, "progress": False,
-            "embedding": {"model": "minilm-l6", "batch_size": 128, "cache_dir": str(cache), "threads": 1},
+            "embedding": {"model": embedder, "batch_size": 128, "cache_dir": str(cache), "threads": threads},
             "output": {"path": str(work / f"{name}.jsonl")}}
     if scoring:
         data["model"] = scoring
