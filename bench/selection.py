@@ -30,6 +30,8 @@ STRATEGIES = {
     "got_d": {"name": "got_d"},
     "diversity": {"name": "diversity", "clusters": 64},
     "quality(length)": {"name": "quality", "weights": {"length": 1.0}},
+    # SST-2's rows are overlapping phrases of a few thousand sentences: drop near-duplicates first
+    "dedup(0.9)": {"name": "dedup", "threshold": 0.9},
 }
 
 
