@@ -32,6 +32,8 @@ STRATEGIES = {
     "quality(length)": {"name": "quality", "weights": {"length": 1.0}},
     # SST-2's rows are overlapping phrases of a few thousand sentences: drop near-duplicates first
     "dedup(0.9)": {"name": "dedup", "threshold": 0.9},
+    "dedup(0.8)": {"name": "dedup", "threshold": 0.8},
+    "diversity(300)": {"name": "diversity", "clusters": 300},
 }
 
 
