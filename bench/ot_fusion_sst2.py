@@ -10,6 +10,8 @@ False / True. Also printed: how well each pairing of the head's hidden units mat
 correlation of paired units' activations on dev sentences), by position and by the OT plan.
 
     .venv/bin/python bench/ot_fusion_sst2.py --pairs 1,2 3,4 5,6 --steps 200 --out /tmp/ot_head.json
+    .venv/bin/python bench/ot_fusion_sst2.py --depth 3 --hidden 128 --activation gelu --device cuda \
+        --pairs 1,2 3,4 5,6 7,8 9,10 11,12 13,14 15,16     # session 6's head: OT beats averaging on the mean
 
 Fine-tuned weights are cached under ``--cache`` (one file per seed and setting), so re-scoring is cheap.
 """
