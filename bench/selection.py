@@ -42,10 +42,17 @@ def read_tsv(path: Path) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically (temp file, then rename): an interrupted run leaves the old file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
     return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def select(work: Path, name: str, strategy: dict, budget: float, cache: Path, target: Path,
@@ -110,8 +117,7 @@ def report(rows: list[dict], metric: str, higher_is_better: bool, out: Path, met
     """Write the JSON (runs + the random seeds' mean/min/max/spread) and print the markdown table."""
     rand = [r[metric] for r in rows if r["strategy"] == "random"]
     summary = {"random_mean": statistics.mean(rand), "random_min": min(rand), "random_max": max(rand), "random_spread": max(rand) - min(rand)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "runs": rows, "summary": summary}, indent=2) + "\n")
+    write_text(out, json.dumps({**meta, "runs": rows, "summary": summary}, indent=2) + "\n")
     best = summary["random_max"] if higher_is_better else summary["random_min"]
     print(f"\n| strategy | {metric} | vs random mean | beyond the best random seed? | select s |\n|---|---|---|---|---|")
     for r in rows:

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ot_fusion_sst2 import fine_tune, read_tsv, scores  # noqa: E402  (bench scripts share helpers by import)
-from selection import select, write_jsonl  # noqa: E402
+from selection import select, write_jsonl, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data"
@@ -76,21 +76,37 @@ def mlm_train(model, params, texts: list[str], tokenizer, seed: int, epochs: int
     return statistics.mean(losses[:10]), statistics.mean(losses[-10:])
 
 
-def warm_up(source: str, texts: list[str], tokenizer, seed: int, epochs: int, batch: int, lr: float, max_len: int,
-            device: str, head_texts: list[str] = (), head_lr: float = 1e-3) -> dict[str, torch.Tensor]:
-    """Masked-LM training of the encoder on ``texts``; returns the encoder's weights (``bert.*`` keys, prefix dropped).
-
-    MiniLM-L6 ships no MLM head, and a random head sends noise into the encoder, so with
-    ``head_texts`` the new head is first fitted alone (encoder frozen) on them — the same text
-    and seed for every warm-up, so only the warm-up text differs between conditions."""
+def fit_mlm_head(source: str, texts: list[str], tokenizer, seed: int, batch: int, lr: float, max_len: int, device: str) -> dict:
+    """Fit the new MLM head alone (encoder frozen) for one pass over ``texts``. Returns its weights and
+    the RNG states after the fit, so every warm-up continues exactly as if it had fitted the head itself."""
     from transformers import BertForMaskedLM
 
     torch.manual_seed(seed)
     model = BertForMaskedLM.from_pretrained(source).to(device).train()
-    if head_texts:
-        head = [p for n, p in model.named_parameters() if n.startswith("cls.") and "decoder.weight" not in n]
-        first, last = mlm_train(model, head, list(head_texts), tokenizer, seed, 1, batch, head_lr, max_len, device)
-        print(f"  MLM head alone: loss {first:.3f} → {last:.3f}", file=sys.stderr, flush=True)
+    model.bert.requires_grad_(False)  # also freezes the decoder weight, which is tied to the word embeddings
+    head = [p for p in model.parameters() if p.requires_grad]
+    first, last = mlm_train(model, head, texts, tokenizer, seed, 1, batch, lr, max_len, device)
+    print(f"  MLM head alone: loss {first:.3f} → {last:.3f}", file=sys.stderr, flush=True)
+    return {"weights": {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith("cls.")},
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def warm_up(source: str, texts: list[str], tokenizer, seed: int, epochs: int, batch: int, lr: float, max_len: int,
+            device: str, head: dict | None = None) -> dict[str, torch.Tensor]:
+    """Masked-LM training of the encoder on ``texts``; returns the encoder's weights (``bert.*`` keys, prefix dropped).
+
+    MiniLM-L6 ships no MLM head, and a random head sends noise into the encoder, so ``head`` (from
+    :func:`fit_mlm_head`, fitted once on the same text for every warm-up) replaces the random one:
+    only the warm-up text differs between conditions."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(seed)
+    model = BertForMaskedLM.from_pretrained(source).to(device).train()
+    if head is not None:
+        model.load_state_dict(head["weights"], strict=False)
+        torch.set_rng_state(head["rng"])
+        if head["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(head["cuda_rng"])
     first, last = mlm_train(model, list(model.parameters()), texts, tokenizer, seed, epochs, batch, lr, max_len, device)
     print(f"  warm-up: MLM loss {first:.3f} → {last:.3f}", file=sys.stderr, flush=True)
     return {k.removeprefix("bert."): v.detach().cpu() for k, v in model.state_dict().items() if k.startswith("bert.")}
@@ -147,27 +163,30 @@ def main(argv=None) -> dict:
     n = round(args.budget * len(pool))
     print(f"pool {len(pool)} AG News texts, warm-up {n}, target {len(target)}, fine-tune {len(train)} rows, dev {len(dev)}", flush=True)
 
-    warmups = {"none": None}
+    warmups = {"none": ("none", None)}  # name → (kind, text)
     for seed in args.random_seeds:
-        warmups[f"random{seed}"] = random.Random(seed).sample(pool, n)
+        warmups[f"random{seed}"] = ("random", random.Random(seed).sample(pool, n))
     t = time.perf_counter()
     chosen, _ = select(args.work, "got_d", {"name": "got_d"}, args.budget, args.work / "embeddings", target_path,
                        pool=pool_path, embedder=args.model, threads=args.threads)
     select_seconds = time.perf_counter() - t
-    warmups["got_d"] = [json.loads(line)["text"] for line in chosen.read_text(encoding="utf-8").splitlines()]
+    warmups["got_d"] = ("got_d", [json.loads(line)["text"] for line in chosen.read_text(encoding="utf-8").splitlines()])
 
-    head_texts = random.Random(1234).sample(pool, args.head_rows) if args.head_rows else []
+    head = None
+    if args.head_rows:
+        head = fit_mlm_head(source, random.Random(1234).sample(pool, args.head_rows), tokenizer, 0, args.batch, 1e-3,
+                            args.max_len, args.device)
     rows = []
-    for name, texts in warmups.items():
+    for name, (kind, texts) in warmups.items():
         t = time.perf_counter()
         encoder = None if texts is None else warm_up(source, texts, tokenizer, 0, args.warmup_epochs, args.batch,
-                                                     args.warmup_lr, args.max_len, args.device, head_texts)
+                                                     args.warmup_lr, args.max_len, args.device, head)
         warm_seconds = time.perf_counter() - t
         for ft_seed in args.ft_seeds:
             model = classifier(source, ft_seed, encoder)
             fine_tune(model, train, tokenizer, ft_seed, args.ft_steps, args.ft_batch, args.ft_lr, args.ft_lr, args.max_len, args.device)
             accuracy, nll = scores(model, dev, tokenizer, args.max_len, args.device)
-            rows.append({"warmup": name.rstrip("0123456789") if name.startswith("random") else name, "warmup_name": name,
+            rows.append({"warmup": kind, "warmup_name": name,
                          "ft_seed": ft_seed, "accuracy": accuracy, "nll": nll, "warmup_seconds": warm_seconds})
             print(json.dumps(rows[-1]), flush=True)
 
@@ -180,10 +199,7 @@ def main(argv=None) -> dict:
         print(f"| {kind} | {s['runs']} | {100 * s['mean']:.2f} % | {100 * s['min']:.2f} – {100 * s['max']:.2f} % |")
     report = {"config": {k: str(v) for k, v in vars(args).items()}, "pool": len(pool), "warmup_rows": n,
               "got_d_select_seconds": select_seconds, "device": args.device, "runs": rows, "summary": summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_text(args.out, json.dumps(report, indent=2) + "\n")
     return report
 
 
