@@ -7,7 +7,8 @@ each N in ``--ns``. Reported: generated tokens/s of
 
 - ``hf_base``: ``model.generate`` on the base model, left-padded batch, no adapters;
 - ``peft``: PEFT's mixed-adapter batch, ``generate(..., adapter_names=[...])``;
-- ``engine``: ``deltatune.serve.Engine.generate`` (N = 0: no adapter on any request).
+- ``engine``: ``deltatune.serve.Engine.generate`` (N = 0: no adapter on any request), adapters kept in the
+  model's dtype; ``engine_bf16``: the same with ``lora_dtype="bfloat16"`` (``--lora-dtypes``).
 
 Each timing is the best of ``--repeats`` rounds after one warm-up (the engine's warm-up also
 loads the adapters); every round times every system once, in turn. ``--load-test C,R``
@@ -200,6 +201,22 @@ def load_test(engine: Engine, names: list[str], clients: int, requests: int, new
             "rss_last_mb": round(sampler.samples[-1] if sampler.samples else rss_start, 1)}
 
 
+ENGINE_KEYS = {"auto": "engine", "float32": "engine_fp32", "bfloat16": "engine_bf16", "float16": "engine_fp16"}
+
+
+def ratios(tps: dict[str, float], n: int) -> dict[str, float]:
+    """The issue's three targets per engine variant: N=n vs PEFT's N=n, N=n vs its own N=0, N=0 vs transformers."""
+    out = {}
+    for key in ENGINE_KEYS.values():
+        if f"{key}_N{n}" not in tps:
+            continue
+        if f"peft_N{n}" in tps:
+            out[f"{key}_N{n} / peft_N{n}"] = round(tps[f"{key}_N{n}"] / tps[f"peft_N{n}"], 3)
+        out[f"{key}_N{n} / {key}_N0"] = round(tps[f"{key}_N{n}"] / tps[f"{key}_N0"], 3)
+        out[f"{key}_N0 / hf_base"] = round(tps[f"{key}_N0"] / tps["hf_base"], 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -210,6 +227,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="where the models run (e.g. cuda); the targets are for the CPU")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lora-dtypes", default="auto,bfloat16",
+                    help="adapter storage of the engines compared (auto: the model's dtype); engine_N* is auto, engine_bf16_N* bfloat16")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--load-test", help="C,R: C concurrent streaming clients sending R requests in all")
     ap.add_argument("--load-adapters", type=int, default=64)
@@ -240,13 +259,17 @@ def run(args, ns: list[int], root: Path) -> int:
     systems: dict[str, object] = {}  # key → a function that generates the whole batch once
     base = load().eval()
     systems["hf_base"] = lambda: hf_generate(base, tokenizer, prompts, args.new)
-    engine = Engine(load(), root, tokenizer, max_batch=args.batch, max_len=64 + args.new + 8,
-                    lora_slots=max(32, max(ns)), max_lora_rank=args.rank, prefill_budget=4096)
     greedy = SamplingParams(max_tokens=args.new, ignore_eos=True)
-    systems["engine_N0"] = lambda: engine.generate(prompts, [None] * args.batch, greedy)
-    for n in ns:
-        ads = [names[i % n] for i in range(args.batch)]
-        systems[f"engine_N{n}"] = lambda ads=ads: engine.generate(prompts, ads, greedy)
+    engines = []
+    for dtype in args.lora_dtypes.split(","):
+        engine = Engine(load(), root, tokenizer, max_batch=args.batch, max_len=64 + args.new + 8,
+                        lora_slots=max(32, max(ns)), max_lora_rank=args.rank, prefill_budget=4096, lora_dtype=dtype)
+        engines.append(engine)
+        key = ENGINE_KEYS[dtype]
+        systems[f"{key}_N0"] = lambda engine=engine: engine.generate(prompts, [None] * args.batch, greedy)
+        for n in ns:
+            ads = [names[i % n] for i in range(args.batch)]
+            systems[f"{key}_N{n}"] = lambda ads=ads, engine=engine: engine.generate(prompts, ads, greedy)
     if not args.skip_peft:
         from peft import PeftModel
 
@@ -260,10 +283,14 @@ def run(args, ns: list[int], root: Path) -> int:
     for key, seconds in interleaved_best(systems, args.repeats).items():
         tps[key] = round(tokens / seconds, 1)
         print(f"{key:>16}: {tps[key]:8.1f} tokens/s", flush=True)
+    results["ratios"] = ratios(tps, max(ns))
+    for key, value in results["ratios"].items():
+        print(f"{key:>32}: {value:.2f}", flush=True)
 
     if args.load_test:
         clients, requests = (int(x) for x in args.load_test.split(","))
-        engine.close()
+        for engine in engines:
+            engine.close()
         load_rank = args.load_rank or args.rank
         load_root = root.parent / "load"
         load_names = make_adapters(args.model, load_root, args.load_adapters, load_rank)

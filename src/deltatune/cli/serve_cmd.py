@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=2048, help="tokens per request (prompt + completion)")
     p.add_argument("--lora-slots", type=int, default=8, help="adapters resident in memory at once")
     p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="how resident adapters are stored (auto: the model's dtype; bfloat16 halves what a decode step reads)")
     p.add_argument("--prefill-budget", type=int, default=256, help="prompt tokens prefilled per step")
     p.set_defaults(run=run)
 
@@ -45,6 +47,7 @@ def run(args) -> int:
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters!r} is not a directory")
     engine = Engine(args.model, args.adapters, max_batch=args.max_batch, max_len=args.max_len, lora_slots=args.lora_slots,
-                    max_lora_rank=args.max_lora_rank, prefill_budget=args.prefill_budget, name=args.model)
+                    max_lora_rank=args.max_lora_rank, prefill_budget=args.prefill_budget, name=args.model,
+                    lora_dtype=args.lora_dtype)
     uvicorn.run(create_app(engine, key), host=args.host, port=args.port, log_level="warning")
     return 0

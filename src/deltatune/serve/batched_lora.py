@@ -14,7 +14,13 @@ Semantics (the plain-PyTorch reference, :func:`lora_delta_reference`)::
 
 Zero padding makes mixed ranks exact: the padded rank directions contribute ``0 · 0``.
 
-The fast path (:func:`add_batched_lora`) is a segmented matmul that moves activations, never
+Decode steps on a CPU (each adapter used by at most ``KERNEL_MAX_WIDTH`` tokens) go through a C++
+BGMV kernel (:mod:`deltatune.serve.cpu_kernel`): one pass per token over its adapter's weights,
+which reads fp32 or bf16 weights at close to memory bandwidth — torch's bf16 bmm has no fast path
+for one-token rows. The pool may keep the weights in bf16 (half the bytes; every product and sum in
+fp32) while the model runs in fp32.
+
+The other path (:func:`add_batched_lora`) is a segmented matmul that moves activations, never
 weights: the tokens that have an adapter are scattered into a zero-padded block
 ``X [G, M, in]`` — group ``g`` holds the tokens of slot ``lo + g``, ``M`` the most tokens any
 slot has — and two batched matmuls run against the *views* ``A[lo:hi+1]`` and ``Bt[lo:hi+1]``.
@@ -35,6 +41,11 @@ from dataclasses import dataclass
 
 import torch
 
+from deltatune.serve.cpu_kernel import bgmv_kernel
+
+# Up to this many tokens per adapter a forward is bound by reading the weights, which the kernel does
+# once per token; beyond it (prefill, many rows on one adapter) batched GEMMs use the arithmetic better.
+KERNEL_MAX_WIDTH = 4
 
 def lora_delta_reference(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The LoRA term for every row, one row at a time (slow, obviously correct). Shapes as in the module doc."""
@@ -59,6 +70,7 @@ class LoraPlan:
     # the block is just the tokens in group order: ``perm`` (None when that order is 0…n−1 itself).
     dense: bool = False
     perm: torch.Tensor | None = None
+    token_slots: torch.Tensor | None = None  # [all tokens] the slot of each token, −1 for none (the kernel's input)
 
 
 def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
@@ -80,7 +92,7 @@ def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
     perm = tokens.index_select(0, order) if dense else None
     if dense and perm.numel() == tok_slots.numel() and bool((perm == torch.arange(perm.numel(), device=perm.device)).all()):
         perm = None
-    return LoraPlan(tokens, group, pos, lo, hi, width, dense, perm)
+    return LoraPlan(tokens, group, pos, lo, hi, width, dense, perm, tok_slots.long().contiguous())
 
 
 def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor,
@@ -95,15 +107,23 @@ def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torc
     if plan is None:
         return y
     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    if (plan.width <= KERNEL_MAX_WIDTH and plan.token_slots is not None and x.device.type == "cpu" and x.dtype == y.dtype == torch.float32
+            and A.dtype == Bt.dtype and A.dtype in (torch.float32, torch.bfloat16) and A.is_contiguous() and Bt.is_contiguous()):
+        kernel = bgmv_kernel()
+        if kernel is not None:
+            kernel.bgmv_(y2, x2.contiguous(), A, Bt, plan.token_slots)
+            return y
     groups = plan.hi - plan.lo + 1
+    A, Bt = A[plan.lo: plan.hi + 1], Bt[plan.lo: plan.hi + 1]
+    if A.dtype != x.dtype:  # weights kept narrower than the activations: widen the slots in use for the matmuls
+        A, Bt = A.to(x.dtype), Bt.to(x.dtype)
     if plan.dense:  # no padding: the block is a (permuted) view of the tokens — fewer, larger ops
         xs = x2 if plan.perm is None else x2.index_select(0, plan.perm)
         block = xs.to(A.dtype).view(groups, plan.width, -1)
     else:
         block = x2.new_zeros((groups, plan.width, x2.shape[1]), dtype=A.dtype)
         block[plan.group, plan.pos] = x2.index_select(0, plan.tokens).to(A.dtype)
-    hidden = torch.bmm(block, A[plan.lo: plan.hi + 1].transpose(1, 2))          # [G, M, R]
-    Bt = Bt[plan.lo: plan.hi + 1]
+    hidden = torch.bmm(block, A.transpose(1, 2))                                 # [G, M, R]
     if plan.dense and plan.perm is None and y.dtype == Bt.dtype and y.is_contiguous():
         y.view(groups, plan.width, -1).baddbmm_(hidden, Bt)                     # y += hidden @ Bt, in place
         return y

@@ -26,6 +26,7 @@ from torch import nn
 
 from deltatune.core.inject import install_branch, iter_logical_modules, iter_wrappers, remove_branch
 from deltatune.serve.adapter_pool import AdapterPool
+from deltatune.serve.cpu_kernel import bgmv_kernel
 from deltatune.serve.kv_cache import SlotKVCache, attention_mask
 from deltatune.serve.lora_branch import LoraContext, ServedLoraBranch
 from deltatune.serve.sampling import SamplingParams, choose_tokens, held_back, make_generator, stop_hit
@@ -35,6 +36,20 @@ from deltatune.utils.errors import ConfigError, DeltatuneError
 log = logging.getLogger(__name__)
 SERVE_BRANCH = "_serve_lora"
 SUPPORTED = ("llama",)
+
+
+LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_lora_dtype(value: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The adapter pool's dtype: ``None``/``"auto"`` → the model's; a name from LORA_DTYPES or a torch dtype."""
+    if value is None or value == "auto":
+        return model_dtype
+    if isinstance(value, torch.dtype) and value in LORA_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in LORA_DTYPES:
+        return LORA_DTYPES[value]
+    raise ConfigError(f"lora_dtype {value!r}: expected 'auto' or one of {', '.join(LORA_DTYPES)}")
 
 
 class RequestError(DeltatuneError, ValueError):
@@ -54,10 +69,14 @@ class Engine:
     """``model``: an alias/path (loaded with its tokenizer) or a llama-family ``*ForCausalLM``.
 
     ``max_batch`` KV slots of ``max_len`` tokens each (prompt + completion); ``lora_slots`` resident
-    adapters of rank ≤ ``max_lora_rank``; ``prefill_budget`` prompt tokens per step."""
+    adapters of rank ≤ ``max_lora_rank``; ``prefill_budget`` prompt tokens per step. ``lora_dtype``: how the
+    resident adapters are stored (default: the model's dtype). ``"bfloat16"`` under an fp32 model
+    halves the adapter bytes a decode step reads (the LoRA term is still computed in fp32, so only the
+    weights' rounding differs; S-LoRA keeps adapters in half precision too)."""
 
     def __init__(self, model, adapters_dir: str | Path | None = None, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024,
-                 lora_slots: int = 8, max_lora_rank: int = 16, prefill_budget: int = 256, name: str | None = None):
+                 lora_slots: int = 8, max_lora_rank: int = 16, prefill_budget: int = 256, name: str | None = None,
+                 lora_dtype: str | torch.dtype | None = None):
         if isinstance(model, (str, os.PathLike)):
             from deltatune.models.load import load_model, load_tokenizer
 
@@ -87,7 +106,10 @@ class Engine:
             if not Path(adapters_dir).is_dir():
                 raise ConfigError(f"adapters directory {str(adapters_dir)!r} does not exist")
             modules = {n: (m.in_features, m.out_features) for n, m in iter_logical_modules(model.model) if isinstance(m, nn.Linear)}
-            self.pool = AdapterPool(adapters_dir, {f"model.{n}": s for n, s in modules.items()}, lora_slots, max_lora_rank, param.dtype, param.device)
+            self.pool = AdapterPool(adapters_dir, {f"model.{n}": s for n, s in modules.items()}, lora_slots, max_lora_rank,
+                                    resolve_lora_dtype(lora_dtype, param.dtype), param.device)
+            if param.device.type == "cpu":
+                bgmv_kernel()  # built now (once per machine), not inside the first request's decode step
             for n in self.pool.modules:
                 install_branch(model, n, SERVE_BRANCH, ServedLoraBranch(self.pool, n, self.ctx)).active = [SERVE_BRANCH]
                 self._wrapped.append(n)

@@ -1,9 +1,27 @@
-"""The batched heterogeneous LoRA kernel against its plain per-row reference."""
+"""The batched heterogeneous LoRA kernel against its plain per-row reference, on both paths:
+the C++ BGMV kernel (few tokens per adapter, on a CPU) and the batched matmuls."""
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
+from deltatune.serve import batched_lora
 from deltatune.serve.batched_lora import add_batched_lora, lora_delta_reference, plan_lora
+from deltatune.serve.cpu_kernel import bgmv_kernel
+
+
+@pytest.fixture(autouse=True, params=["kernel", "matmul"])
+def lora_path(request, monkeypatch):
+    """Every test runs once through the kernel and once with the kernel unavailable (the fallback)."""
+    if request.param == "matmul":
+        monkeypatch.setattr(batched_lora, "bgmv_kernel", lambda: None)
+    elif bgmv_kernel() is None:
+        if shutil.which("g++") or shutil.which("c++"):
+            pytest.fail("a C++ compiler is installed but the CPU LoRA kernel did not build (see the log warning)")
+        pytest.skip("no C++ compiler: the CPU LoRA kernel cannot be built here")
+    return request.param
 
 
 def _stack(ranks, n_in, n_out, max_rank, seed=0):
@@ -81,3 +99,35 @@ def test_dense_layouts_match_the_reference():
             assert plan.dense == dense and (plan.perm is None) == identity
             y = add_batched_lora(base.clone(), x, A, B, slots, plan)
             assert torch.allclose(y, base + lora_delta_reference(x, A, B, slots), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in,n_out,ranks", [(48, 32, [4, 8, 5]), (37, 23, [3, 1, 6])])  # AVX-512 blocks; odd tails
+def test_bf16_weights_under_fp32_activations_match_the_upcast_reference(n_in, n_out, ranks):
+    A, B, _ = _stack(ranks, n_in, n_out, max(ranks), seed=5)
+    A16, B16 = A.bfloat16(), B.bfloat16()
+    for slots, t in [([2, -1, 0, 1, 0], 1), ([1, 1, -1, 2, 0], 2), ([0] * 6, 1), ([1, 1, -1, 2, 2, 0], 4)]:
+        slots = torch.tensor(slots)
+        x, base = torch.randn(len(slots), t, n_in), torch.randn(len(slots), t, n_out)
+        y = add_batched_lora(base.clone(), x, A16, B16, slots)
+        assert y.dtype == torch.float32
+        # Exactly the fp32 math on the bf16-rounded weights: only the weights' rounding differs from fp32.
+        assert torch.allclose(y, base + lora_delta_reference(x, A16.float(), B16.float(), slots), atol=1e-5)
+        assert torch.equal(y[slots < 0], base[slots < 0])
+
+
+def test_kernel_serves_decode_shaped_batches_and_matmuls_serve_prefill(lora_path, monkeypatch):
+    calls = []
+    real = batched_lora.bgmv_kernel
+
+    def spy():
+        k = real()
+        if k is None:
+            return None
+        calls.append(1)
+        return k
+    monkeypatch.setattr(batched_lora, "bgmv_kernel", spy)
+    A, B, _ = _stack([4, 4], 16, 16, 4)
+    add_batched_lora(torch.zeros(4, 1, 16), torch.randn(4, 1, 16), A, B, torch.tensor([0, 1, 0, 1]))  # 2 tokens per adapter
+    decode_calls = len(calls)
+    add_batched_lora(torch.zeros(2, 16, 16), torch.randn(2, 16, 16), A, B, torch.tensor([0, 1]))  # 16 tokens per adapter
+    assert decode_calls == (1 if lora_path == "kernel" else 0) and len(calls) == decode_calls

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import deltatune
 from deltatune.generation import SamplingParams as GenerateParams
 from deltatune.generation import generate_text
 from deltatune.serve import AdapterNotFoundError, Engine, RequestError, SamplingParams
+from deltatune.utils.errors import ConfigError
 
 PROMPTS = ["one two three", "the cat sat on the mat and the dog sat on the mat", "what is two plus two ?", "dog", "five six"]
 ADAPTERS = ["qv4", None, "all8", "down2", "all8"]
@@ -143,3 +145,23 @@ def test_many_adapters_through_two_slots(served, tmp_path):
     # Every copy holds qv4's weights, so every answer is qv4's answer.
     assert {o.text for o in out} == {_reference(base, adapters, "one two", "qv4", 4)}
     eng.close()
+
+
+def test_adapters_kept_in_bfloat16_take_half_the_memory_and_give_the_same_greedy_tokens(served):
+    base, adapters = served
+    tokens, nbytes = {}, {}
+    for dtype in ("auto", "bfloat16"):
+        eng = Engine(deltatune.load_model(base, task="causal-lm"), adapters, deltatune.load_tokenizer(base), max_batch=5, lora_slots=3,
+                     max_lora_rank=8, max_len=64, lora_dtype=dtype)
+        tokens[dtype] = [o.token_ids for o in eng.generate(PROMPTS, ADAPTERS, SamplingParams(max_tokens=10))]
+        nbytes[dtype] = eng.pool.nbytes()
+        assert eng.pool.A["model.layers.0.self_attn.q_proj"].dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        eng.close()
+    assert nbytes["bfloat16"] * 2 == nbytes["auto"]
+    assert tokens["bfloat16"] == tokens["auto"]
+
+
+def test_an_unknown_lora_dtype_is_refused_by_name(served):
+    base, adapters = served
+    with pytest.raises(ConfigError, match="lora_dtype 'int4'.*bfloat16"):
+        Engine(deltatune.load_model(base, task="causal-lm"), adapters, deltatune.load_tokenizer(base), lora_dtype="int4")

@@ -35,7 +35,7 @@ def test_serve_process_answers_with_key(served, tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deltatune", "serve", "--model", str(base), "--adapters", str(adapters), "--port", str(port),
-                             "--api-key-file", str(tmp_path / "key.txt"), "--max-len", "64"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--api-key-file", str(tmp_path / "key.txt"), "--max-len", "64", "--lora-dtype", "bfloat16"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
