@@ -8,7 +8,13 @@ same mixture, never trained on). Every run trains the same LoRA on SmolLM2-135M-
 same steps (chat template, loss on the response, packing) and reports the mean token loss on the
 held-out records. Random baselines use several seeds; their spread is the bar.
 
+``--target-set NAME`` (a directory name of SETS) turns it into a target-task experiment: the
+held-out records and GOT-D's target sample come from that set alone, the pool is still the
+whole mixture (the rest of that set included), so a strategy that finds the target's kind of
+data can beat the mixture that random sampling returns.
+
     .venv/bin/python bench/selection_instruct.py --steps 40 --random-seeds 0 1 2
+    .venv/bin/python bench/selection_instruct.py --target-set rasbt_instruction_1100 --heldout 0.1 --only got_d
 """
 from __future__ import annotations
 
@@ -32,16 +38,20 @@ STRATEGIES = {
 }
 
 
-def split_sets(heldout: float, target: int, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
-    """(pool, held-out, target) records, each set split with the same fractions."""
+def split_sets(heldout: float, target: int, seed: int = 0, target_set: str | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(pool, held-out, target) records: each set split with the same fractions, or (``target_set``)
+    held-out and target taken from that set only."""
     pool, held, tgt = [], [], []
     rng = random.Random(seed)
     for name in SETS:
         rows = [{k: r.get(k) or "" for k in ("instruction", "input", "output")} for r in json.loads((DATA / name).read_text(encoding="utf-8"))]
         rows = [r for r in rows if r["instruction"].strip() and r["output"].strip()]  # a few records have no response
+        if target_set is not None and not name.startswith(target_set + "/"):
+            pool += rows
+            continue
         rng.shuffle(rows)
         n_held = round(heldout * len(rows))
-        n_tgt = target // len(SETS)
+        n_tgt = target if target_set is not None else target // len(SETS)
         held += rows[:n_held]
         tgt += rows[n_held:n_held + n_tgt]
         pool += rows[n_held + n_tgt:]
@@ -74,13 +84,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--heldout", type=float, default=0.05, help="fraction of each set held out for the evaluation")
     p.add_argument("--target", type=int, default=90, help="records (spread over the sets) in GOT-D's target sample")
+    p.add_argument("--target-set", choices=[n.split("/")[0] for n in SETS], help="held-out and target sample from this set only")
     p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="*", default=list(STRATEGIES))
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_selection_instruct")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "selection_instruct.json")
     args = p.parse_args()
 
-    pool, held, tgt = split_sets(args.heldout, args.target)
+    pool, held, tgt = split_sets(args.heldout, args.target, target_set=args.target_set)
     pool_path = write_jsonl(args.work / "pool.jsonl", pool)
     eval_path = write_jsonl(args.work / "heldout.jsonl", held)
     target_path = write_jsonl(args.work / "target.jsonl", tgt)

@@ -10,7 +10,7 @@ each N in ``--ns``. Reported: generated tokens/s of
 - ``engine``: ``deltatune.serve.Engine.generate`` (N = 0: no adapter on any request), adapters kept in the
   model's dtype; ``engine_bf16``: the same with ``lora_dtype="bfloat16"`` (``--lora-dtypes``).
 
-Each timing is the best of ``--repeats`` rounds after one warm-up (the engine's warm-up also
+Each timing is the best (and the median) of ``--repeats`` rounds after one warm-up (the engine's warm-up also
 loads the adapters); every round times every system once, in turn. ``--load-test C,R``
 additionally starts the HTTP server on 127.0.0.1 and sends R streaming requests from C concurrent
 clients over ``--load-adapters`` adapters (resident slots: 32), reporting errors, p50/p99 latency and tokens/s.
@@ -90,21 +90,21 @@ def make_prompts(tokenizer, batch: int) -> list[list[int]]:
     return prompts
 
 
-def interleaved_best(systems: dict, repeats: int) -> dict[str, float]:
-    """Best time per system over ``repeats`` rounds, each round timing every system once in turn
+def interleaved_times(systems: dict, repeats: int) -> dict[str, list[float]]:
+    """Every round's time per system over ``repeats`` rounds, each round timing every system once in turn
     (after one warm-up call each). Interleaving puts a slow spell of a shared machine into one
     round of every system instead of into all repeats of one system."""
     for fn in systems.values():
         fn()
-    best = {key: float("inf") for key in systems}
+    times: dict[str, list[float]] = {key: [] for key in systems}
     for _ in range(repeats):
         for key, fn in systems.items():
             t = time.perf_counter()
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            best[key] = min(best[key], time.perf_counter() - t)
-    return best
+            times[key].append(time.perf_counter() - t)
+    return times
 
 
 def hf_generate(model, tokenizer, prompts, new, adapter_names=None):
@@ -280,12 +280,14 @@ def run(args, ns: list[int], root: Path) -> int:
         for n in ns:
             ads = [names[i % n] for i in range(args.batch)]
             systems[f"peft_N{n}"] = lambda ads=ads: hf_generate(peft, tokenizer, prompts, args.new, ads)
-    for key, seconds in interleaved_best(systems, args.repeats).items():
-        tps[key] = round(tokens / seconds, 1)
-        print(f"{key:>16}: {tps[key]:8.1f} tokens/s", flush=True)
-    results["ratios"] = ratios(tps, max(ns))
+    median = results["tokens_per_s_median"] = {}
+    for key, seconds in interleaved_times(systems, args.repeats).items():
+        tps[key] = round(tokens / min(seconds), 1)
+        median[key] = round(tokens / statistics.median(seconds), 1)
+        print(f"{key:>16}: {tps[key]:8.1f} tokens/s best, {median[key]:8.1f} median", flush=True)
+    results["ratios"], results["ratios_median"] = ratios(tps, max(ns)), ratios(median, max(ns))
     for key, value in results["ratios"].items():
-        print(f"{key:>32}: {value:.2f}", flush=True)
+        print(f"{key:>32}: {value:.2f} best, {results['ratios_median'][key]:.2f} median", flush=True)
 
     if args.load_test:
         clients, requests = (int(x) for x in args.load_test.split(","))

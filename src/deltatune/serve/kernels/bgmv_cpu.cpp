@@ -75,6 +75,18 @@ template <typename W>
 void up_project(float* y, const float* h, const W* b, int64_t R, int64_t out) {
   int64_t o = 0;
 #ifdef __AVX512F__
+  for (; o + 64 <= out; o += 64) {  // four independent accumulators: a single chain would wait on each FMA's latency
+    __m512 c0 = _mm512_loadu_ps(y + o), c1 = _mm512_loadu_ps(y + o + 16), c2 = _mm512_loadu_ps(y + o + 32), c3 = _mm512_loadu_ps(y + o + 48);
+    for (int64_t r = 0; r < R; ++r) {
+      const __m512 hr = _mm512_set1_ps(h[r]);
+      const W* br = b + r * out + o;
+      c0 = _mm512_fmadd_ps(hr, load16(br), c0);
+      c1 = _mm512_fmadd_ps(hr, load16(br + 16), c1);
+      c2 = _mm512_fmadd_ps(hr, load16(br + 32), c2);
+      c3 = _mm512_fmadd_ps(hr, load16(br + 48), c3);
+    }
+    _mm512_storeu_ps(y + o, c0); _mm512_storeu_ps(y + o + 16, c1); _mm512_storeu_ps(y + o + 32, c2); _mm512_storeu_ps(y + o + 48, c3);
+  }
   for (; o + 16 <= out; o += 16) {
     __m512 acc = _mm512_loadu_ps(y + o);
     for (int64_t r = 0; r < R; ++r) acc = _mm512_fmadd_ps(_mm512_set1_ps(h[r]), load16(b + r * out + o), acc);
