@@ -217,6 +217,13 @@ def ratios(tps: dict[str, float], n: int) -> dict[str, float]:
     return out
 
 
+def paired_ratios(times: dict[str, list[float]], n: int) -> dict[str, float]:
+    """The same ratios from each round's own two timings, median over rounds: on a machine whose speed
+    drifts, timings taken seconds apart in one round share the drift."""
+    rounds = [ratios({k: 1.0 / v[i] for k, v in times.items()}, n) for i in range(len(next(iter(times.values()))))]
+    return {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -281,13 +288,16 @@ def run(args, ns: list[int], root: Path) -> int:
             ads = [names[i % n] for i in range(args.batch)]
             systems[f"peft_N{n}"] = lambda ads=ads: hf_generate(peft, tokenizer, prompts, args.new, ads)
     median = results["tokens_per_s_median"] = {}
-    for key, seconds in interleaved_times(systems, args.repeats).items():
+    times = results["seconds_per_round"] = interleaved_times(systems, args.repeats)
+    for key, seconds in times.items():
         tps[key] = round(tokens / min(seconds), 1)
         median[key] = round(tokens / statistics.median(seconds), 1)
         print(f"{key:>16}: {tps[key]:8.1f} tokens/s best, {median[key]:8.1f} median", flush=True)
     results["ratios"], results["ratios_median"] = ratios(tps, max(ns)), ratios(median, max(ns))
+    results["ratios_paired"] = paired_ratios(times, max(ns))
     for key, value in results["ratios"].items():
-        print(f"{key:>32}: {value:.2f} best, {results['ratios_median'][key]:.2f} median", flush=True)
+        print(f"{key:>32}: {value:.2f} best, {results['ratios_median'][key]:.2f} median, "
+              f"{results['ratios_paired'][key]:.2f} median of the rounds' own ratios", flush=True)
 
     if args.load_test:
         clients, requests = (int(x) for x in args.load_test.split(","))

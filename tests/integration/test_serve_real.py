@@ -41,11 +41,15 @@ def test_mixed_adapter_batch_equals_generate_on_smollm2(tmp_path):
         base_text = generate_text(dm, tokenizer, PROMPTS[0], GenerateParams(max_new_tokens=NEW))
     assert base_text != expected[0]  # the adapters change SmolLM2's answers, so agreement below means something
 
-    engine = Engine(deltatune.load_model(MODEL), adapters, tokenizer, max_batch=4, max_len=256, lora_slots=2, prefill_budget=16)
-    # The chat request goes in as a message list (the server's path), beside plain prompts, in one batch.
-    reqs = [engine.submit([{"role": "user", "content": p}] if chat else p, a, SamplingParams(max_tokens=NEW), chat=chat)
-            for p, a, chat in zip(PROMPTS, ADAPTERS, CHAT)]
-    while not all(r.done.is_set() for r in reqs):
-        engine.step()
-    assert [r.text for r in reqs] == expected
-    engine.close()
+    # fp32 adapters (the default) must agree token for token; bf16 adapters (fp32 arithmetic on rounded
+    # weights) are checked to agree on these prompts too.
+    for lora_dtype in ("auto", "bfloat16"):
+        engine = Engine(deltatune.load_model(MODEL), adapters, tokenizer, max_batch=4, max_len=256, lora_slots=2, prefill_budget=16,
+                        lora_dtype=lora_dtype)
+        # The chat request goes in as a message list (the server's path), beside plain prompts, in one batch.
+        reqs = [engine.submit([{"role": "user", "content": p}] if chat else p, a, SamplingParams(max_tokens=NEW), chat=chat)
+                for p, a, chat in zip(PROMPTS, ADAPTERS, CHAT)]
+        while not all(r.done.is_set() for r in reqs):
+            engine.step()
+        assert [r.text for r in reqs] == expected, lora_dtype
+        engine.close()
