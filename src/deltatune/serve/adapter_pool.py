@@ -84,6 +84,7 @@ class AdapterPool:
         # has[m][s]: whether slot s's adapter touches module m; rows of other slots skip m entirely.
         self.has = {m: torch.zeros(num_slots, dtype=torch.bool, device=device) for m in modules}
         self.has_list = {m: [False] * num_slots for m in modules}  # the same, for per-step planning in Python
+        self.covers_all = [False] * num_slots  # slot s's adapter touches every module
         self.resident: OrderedDict[str, int] = OrderedDict()  # name → slot, least recently used first
         self.refs = [0] * num_slots
         self.free = list(range(num_slots))
@@ -170,6 +171,7 @@ class AdapterPool:
                 a, b = prepared[m]
                 self.A[m][slot, : a.shape[0]].copy_(a)
                 self.Bt[m][slot, : b.shape[1]].copy_(b.T)
+        self.covers_all[slot] = all(m in prepared for m in self.modules)
 
     # --- references (decode thread) ---
     def acquire(self, name: str) -> int:

@@ -285,7 +285,7 @@ class Engine:
         start = torch.tensor([r.cached for r in reqs], device=device)
         n_new = torch.tensor([len(c) for c in chunks], device=device)
         positions = start[:, None] + torch.arange(t, device=device)[None, :]
-        self.ctx.set([r.lora_slot for r in reqs], t, device)
+        self.ctx.set([r.lora_slot for r in reqs], t, device, self.pool.covers_all if self.pool is not None else None)
         inner = self.model.model
         h = inner.embed_tokens(tokens)
         cos_sin = inner.rotary_emb(h, positions)

@@ -25,14 +25,18 @@ class LoraContext:
         self.tokens_per_row = 1
         self.device: torch.device | str = "cpu"
         self._plans: dict[tuple[int, ...], LoraPlan | None] = {}
+        self._shared_key: tuple[int, ...] | None = None
 
-    def set(self, slots: list[int], tokens_per_row: int, device) -> None:
+    def set(self, slots: list[int], tokens_per_row: int, device, covers_all: list[bool] | None = None) -> None:
+        """``covers_all[s]``: slot s's adapter touches every served module (then every module shares one plan)."""
         self.slots, self.tokens_per_row, self.device = slots, tokens_per_row, device
         self.active = any(s >= 0 for s in slots)
         self._plans = {}
+        # The usual case (adapters on every projection): skip building a per-module key 200 times a step.
+        self._shared_key = tuple(slots) if covers_all is not None and all(covers_all[s] for s in slots if s >= 0) else None
 
     def plan(self, has: list[bool]) -> LoraPlan | None:
-        key = tuple(s if s >= 0 and has[s] else -1 for s in self.slots)
+        key = self._shared_key or tuple(s if s >= 0 and has[s] else -1 for s in self.slots)
         if key not in self._plans:
             self._plans[key] = plan_lora(torch.tensor(key, device=self.device), self.tokens_per_row)
         return self._plans[key]
