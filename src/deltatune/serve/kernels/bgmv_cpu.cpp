@@ -70,33 +70,19 @@ void down_project(float* h, const float* x, const W* a, int64_t R, int64_t in) {
   }
 }
 
-// y += Σ_r h[r] · b[r]   (b: [R, out]); each block of y stays in a register across the R rows
+// y += Σ_r h[r] · b[r]   (b: [R, out]), read front to back: one sequential stream per token lets the
+// hardware prefetcher run ahead (y, at most a few KB, stays in L1 across the R passes)
 template <typename W>
 void up_project(float* y, const float* h, const W* b, int64_t R, int64_t out) {
-  int64_t o = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const float hr = h[r];
+    const W* br = b + r * out;
+    int64_t o = 0;
 #ifdef __AVX512F__
-  for (; o + 64 <= out; o += 64) {  // four independent accumulators: a single chain would wait on each FMA's latency
-    __m512 c0 = _mm512_loadu_ps(y + o), c1 = _mm512_loadu_ps(y + o + 16), c2 = _mm512_loadu_ps(y + o + 32), c3 = _mm512_loadu_ps(y + o + 48);
-    for (int64_t r = 0; r < R; ++r) {
-      const __m512 hr = _mm512_set1_ps(h[r]);
-      const W* br = b + r * out + o;
-      c0 = _mm512_fmadd_ps(hr, load16(br), c0);
-      c1 = _mm512_fmadd_ps(hr, load16(br + 16), c1);
-      c2 = _mm512_fmadd_ps(hr, load16(br + 32), c2);
-      c3 = _mm512_fmadd_ps(hr, load16(br + 48), c3);
-    }
-    _mm512_storeu_ps(y + o, c0); _mm512_storeu_ps(y + o + 16, c1); _mm512_storeu_ps(y + o + 32, c2); _mm512_storeu_ps(y + o + 48, c3);
-  }
-  for (; o + 16 <= out; o += 16) {
-    __m512 acc = _mm512_loadu_ps(y + o);
-    for (int64_t r = 0; r < R; ++r) acc = _mm512_fmadd_ps(_mm512_set1_ps(h[r]), load16(b + r * out + o), acc);
-    _mm512_storeu_ps(y + o, acc);
-  }
+    const __m512 hv = _mm512_set1_ps(hr);
+    for (; o + 16 <= out; o += 16) _mm512_storeu_ps(y + o, _mm512_fmadd_ps(hv, load16(br + o), _mm512_loadu_ps(y + o)));
 #endif
-  for (; o < out; ++o) {
-    float acc = y[o];
-    for (int64_t r = 0; r < R; ++r) acc += h[r] * to_float(b[r * out + o]);
-    y[o] = acc;
+    for (; o < out; ++o) y[o] += hr * to_float(br[o]);
   }
 }
 
