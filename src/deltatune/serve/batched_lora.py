@@ -47,6 +47,7 @@ from deltatune.serve.cpu_kernel import bgmv_kernel
 # once per token; beyond it (prefill, many rows on one adapter) batched GEMMs use the arithmetic better.
 KERNEL_MAX_WIDTH = 4
 
+
 def lora_delta_reference(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The LoRA term for every row, one row at a time (slow, obviously correct). Shapes as in the module doc."""
     out = torch.zeros(*x.shape[:-1], Bt.shape[2], dtype=x.dtype, device=x.device)
