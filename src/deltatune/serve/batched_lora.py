@@ -67,11 +67,11 @@ class LoraPlan:
     lo: int
     hi: int
     width: int             # M: the largest group
+    token_slots: torch.Tensor  # [all tokens] the slot of each token, −1 for none (the kernel's input)
     # When every group is full (G·M = n, e.g. one adapter for all rows, or N adapters over N·k rows),
     # the block is just the tokens in group order: ``perm`` (None when that order is 0…n−1 itself).
     dense: bool = False
     perm: torch.Tensor | None = None
-    token_slots: torch.Tensor | None = None  # [all tokens] the slot of each token, −1 for none (the kernel's input)
 
 
 def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
@@ -93,7 +93,7 @@ def plan_lora(slots: torch.Tensor, tokens_per_row: int = 1) -> LoraPlan | None:
     perm = tokens.index_select(0, order) if dense else None
     if dense and perm.numel() == tok_slots.numel() and bool((perm == torch.arange(perm.numel(), device=perm.device)).all()):
         perm = None
-    return LoraPlan(tokens, group, pos, lo, hi, width, dense, perm, tok_slots.long().contiguous())
+    return LoraPlan(tokens, group, pos, lo, hi, width, tok_slots.long().contiguous(), dense, perm)
 
 
 def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor,
@@ -108,7 +108,7 @@ def add_batched_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torc
     if plan is None:
         return y
     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-    if (plan.width <= KERNEL_MAX_WIDTH and plan.token_slots is not None and x.device.type == "cpu" and x.dtype == y.dtype == torch.float32
+    if (plan.width <= KERNEL_MAX_WIDTH and x.device.type == "cpu" and x.dtype == y.dtype == torch.float32
             and A.dtype == Bt.dtype and A.dtype in (torch.float32, torch.bfloat16) and A.is_contiguous() and Bt.is_contiguous()):
         kernel = bgmv_kernel()
         if kernel is not None:

@@ -108,7 +108,7 @@ class Engine:
             modules = {n: (m.in_features, m.out_features) for n, m in iter_logical_modules(model.model) if isinstance(m, nn.Linear)}
             self.pool = AdapterPool(adapters_dir, {f"model.{n}": s for n, s in modules.items()}, lora_slots, max_lora_rank,
                                     resolve_lora_dtype(lora_dtype, param.dtype), param.device)
-            if param.device.type == "cpu":
+            if param.device.type == "cpu" and param.dtype == torch.float32:  # the only case the kernel serves
                 bgmv_kernel()  # built now (once per machine), not inside the first request's decode step
             for n in self.pool.modules:
                 install_branch(model, n, SERVE_BRANCH, ServedLoraBranch(self.pool, n, self.ctx)).active = [SERVE_BRANCH]
