@@ -67,7 +67,7 @@ def select(work: Path, name: str, strategy: dict, budget: float, cache: Path, ta
             "output": {"path": str(work / f"{name}.jsonl")}}
     if scoring:
         data["model"] = scoring
-    if strategy["name"] == "got_d":
+    if strategy["name"] == "got_d" or strategy.get("mode") == "target":
         data["target"] = {"path": str(target)}
     result = run_selection(validate_select_recipe(data))
     return result.output, result.seconds

@@ -13,8 +13,15 @@ held-out records and GOT-D's target sample come from that set alone, the pool is
 whole mixture (the rest of that set included), so a strategy that finds the target's kind of
 data can beat the mixture that random sampling returns.
 
+``--fit-quality`` adds ``quality(fitted)``, Instruction Mining's fitted rule: small probe runs
+(``--fit-size`` records chosen by ``quality`` with one indicator, high and low, ``--fit-steps``
+steps each) are evaluated on the *target sample* (never on the held-out records), and
+``quality``'s ``fit`` turns their losses into the rule's weights.
+
     .venv/bin/python bench/selection_instruct.py --steps 40 --random-seeds 0 1 2
     .venv/bin/python bench/selection_instruct.py --target-set rasbt_instruction_1100 --heldout 0.1 --only got_d
+    .venv/bin/python bench/selection_instruct.py --target-set rasbt_instruction_1100 --heldout 0.1 --only --fit-quality \
+        --reuse-random bench/results/selection_instruct_session7_rasbt.json
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ STRATEGIES = {
     "got_d": {"name": "got_d"},
     "diversity": {"name": "diversity", "clusters": 32},
     "diversity(loss)": {"name": "diversity", "clusters": 32, "mode": "loss"},
+    "diversity(target)": {"name": "diversity", "clusters": 32, "mode": "target"},
     "quality(perplexity,length)": {"name": "quality", "weights": {"perplexity": -1.0, "length": 0.5}},
 }
 
@@ -78,6 +86,30 @@ def train_eval(work: Path, name: str, train_path: Path, eval_path: Path, steps: 
     return {"loss": result["after"]["loss"], "train_seconds": time.perf_counter() - t}
 
 
+def fit_probes(args, pool_path: Path, target_path: Path, scoring: dict) -> list[dict]:
+    """One small run per (indicator, high/low): ``--fit-size`` records chosen by that indicator alone,
+    trained ``--fit-steps`` steps, loss on the target sample. Returns quality's ``fit.runs``."""
+    runs = []
+    for key in args.fit_indicators:
+        for sign, side in ((1.0, "high"), (-1.0, "low")):
+            name = f"probe_{key}_{side}"
+            path, _ = select(args.work, name, {"name": "quality", "weights": {key: sign}}, args.fit_size,
+                             args.work / "embeddings", target_path, pool=pool_path, scoring=scoring)
+            loss = train_eval(args.work, name, path, target_path, args.fit_steps, 0)["loss"]
+            runs.append({"data": str(path), "loss": loss})
+            print({"probe": name, "loss": loss}, flush=True)
+    return runs
+
+
+def reused_random(path: Path, args) -> list[dict]:
+    """Random rows of an earlier result file run with the same split, budget and steps."""
+    old = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("budget", "steps", "heldout", "target", "target_set"):
+        if old["config"][key] != str(getattr(args, key)):
+            raise SystemExit(f"{path}: its {key} is {old['config'][key]}, this run's is {getattr(args, key)}; cannot reuse its random runs")
+    return [{**r, "reused_from": str(path)} for r in old["runs"] if r["strategy"] == "random"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=0.2)
@@ -85,7 +117,12 @@ def main() -> None:
     p.add_argument("--heldout", type=float, default=0.05, help="fraction of each set held out for the evaluation")
     p.add_argument("--target", type=int, default=90, help="records (spread over the sets) in GOT-D's target sample")
     p.add_argument("--target-set", choices=[n.split("/")[0] for n in SETS], help="held-out and target sample from this set only")
-    p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--reuse-random", type=Path, help="take the random runs from this earlier result file (same settings) instead of training them")
+    p.add_argument("--fit-quality", action="store_true", help="add quality(fitted): probe runs scored on the target sample")
+    p.add_argument("--fit-indicators", nargs="+", default=["length", "ratio"])
+    p.add_argument("--fit-size", type=int, default=200, help="records per probe run")
+    p.add_argument("--fit-steps", type=int, default=15)
     p.add_argument("--only", nargs="*", default=list(STRATEGIES))
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_selection_instruct")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "selection_instruct.json")
@@ -97,12 +134,21 @@ def main() -> None:
     target_path = write_jsonl(args.work / "target.jsonl", tgt)
     n = max(1, round(args.budget * len(pool)))
     print(f"pool {len(pool)}, held-out {len(held)}, target {len(tgt)}, subset {n}", flush=True)
-    rows = compare(args.work, pool, n, args.random_seeds, args.only,
-                   train_one=lambda name, path: train_eval(args.work, name, path, eval_path, args.steps, 0),
-                   select_one=lambda name, safe: select(args.work, safe, STRATEGIES[name], args.budget, args.work / "embeddings",
-                                                        target_path, pool=pool_path, scoring={"name": MODEL, "batch_size": 8, "max_length": 384}))
-    report(rows, "loss", higher_is_better=False, out=args.out,
-           meta={"config": {k: str(v) for k, v in vars(args).items()}, "pool": len(pool), "subset": n, "heldout": len(held), "target": len(tgt)})
+    scoring = {"name": MODEL, "batch_size": 8, "max_length": 384}
+    strategies = dict(STRATEGIES)
+    only = list(args.only)
+    meta = {"config": {k: str(v) for k, v in vars(args).items()}, "pool": len(pool), "subset": n, "heldout": len(held), "target": len(tgt)}
+    if args.fit_quality:
+        runs = fit_probes(args, pool_path, target_path, scoring)
+        strategies["quality(fitted)"] = {"name": "quality", "fit": {"indicators": args.fit_indicators, "runs": runs}}
+        only.append("quality(fitted)")
+        meta["fit_probes"] = runs
+    prior = reused_random(args.reuse_random, args) if args.reuse_random else []
+    rows = prior + compare(args.work, pool, n, args.random_seeds, only,
+                           train_one=lambda name, path: train_eval(args.work, name, path, eval_path, args.steps, 0),
+                           select_one=lambda name, safe: select(args.work, safe, strategies[name], args.budget, args.work / "embeddings",
+                                                                target_path, pool=pool_path, scoring=scoring))
+    report(rows, "loss", higher_is_better=False, out=args.out, meta=meta)
 
 if __name__ == "__main__":
     main()

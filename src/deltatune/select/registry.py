@@ -40,16 +40,19 @@ class Strategy:
     name: str
     config_cls: type[StrategyConfig]
     select: Callable[..., Selection]
-    needs_target: bool = False
+    needs_target: bool | Callable[[StrategyConfig], bool] = False  # a callable: the config decides (a mode that uses a target)
     needs_budget: bool = True
     formats: tuple[str, ...] | None = None  # pool formats it accepts; None = any
     doc: str = ""
+
+    def uses_target(self, config: StrategyConfig) -> bool:
+        return self.needs_target(config) if callable(self.needs_target) else self.needs_target
 
 
 _STRATEGIES: dict[str, Strategy] = {}
 
 
-def register_strategy(config_cls: type[StrategyConfig], *, needs_target: bool = False, needs_budget: bool = True,
+def register_strategy(config_cls: type[StrategyConfig], *, needs_target: bool | Callable[[StrategyConfig], bool] = False, needs_budget: bool = True,
                       formats: tuple[str, ...] | None = None) -> Callable:
     """Decorator for ``select(context, config) -> Selection``; the key is ``config_cls``'s default ``name``."""
     name = config_cls.model_fields["name"].default

@@ -39,10 +39,13 @@ def prepare(recipe: SelectRecipe) -> SelectionContext:
     """Every check that needs no model; returns the context a strategy runs in."""
     config = recipe.strategy_config()
     strategy = get_strategy(config.name)
-    if strategy.needs_target and recipe.target is None:
-        raise ConfigError(f"strategy {strategy.name!r} needs a target sample: set target.path")
-    if not strategy.needs_target and recipe.target is not None:
-        raise ConfigError(f"strategy {strategy.name!r} does not use a target sample; remove the target section")
+    what = f"strategy {strategy.name!r}"
+    if callable(strategy.needs_target):  # the options decide: name them
+        what += f" with options {config.model_dump(exclude={'name'}, exclude_defaults=True)}"
+    if strategy.uses_target(config) and recipe.target is None:
+        raise ConfigError(f"{what} needs a target sample: set target.path")
+    if not strategy.uses_target(config) and recipe.target is not None:
+        raise ConfigError(f"{what} does not use a target sample; remove the target section")
     if strategy.needs_budget and recipe.budget is None:
         raise ConfigError(f"strategy {strategy.name!r} needs a budget: a count (e.g. 1000) or a fraction of the pool (e.g. 0.05)")
     out, report = Path(recipe.output.path), recipe.output.report_path()

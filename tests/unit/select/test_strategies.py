@@ -10,6 +10,7 @@ from deltatune.select.strategies.dedup import near_duplicate_filter
 from deltatune.select.strategies.diversity import allocate, kmeans
 from deltatune.select.strategies.got_d import calibrated_gradient
 from deltatune.select.strategies.quality import fit_linear_rule
+from deltatune.utils.errors import ConfigError, DataError
 from tests.unit.select.helpers import clusters, context_with, recipe, write_jsonl
 
 
@@ -64,6 +65,23 @@ def test_diversity_covers_all_clusters_of_an_unbalanced_pool(tmp_path):
     assert [picked.count(c) for c in range(4)] == [5, 5, 5, 5]
     # Uniform random 20 of 180 would take ~17 from the big cluster.
     assert sel.scores[sel.indices[0]]["cluster_quota"] == 5.0
+
+
+def test_diversity_target_mode_resamples_clusters_in_the_target_proportions(tmp_path):
+    emb, ids = clusters([60, 60, 60, 12], seed=4)
+    target_emb, target_ids = clusters([0, 15, 5, 0], seed=4)  # same centres: 3/4 of the target in cluster 1
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"text": f"t{i}"} for i in range(len(ids))])
+    tgt = write_jsonl(tmp_path / "target.jsonl", [{"text": f"q{i}"} for i in range(len(target_ids))])
+    r = recipe(tmp_path, {"name": "diversity", "clusters": 4, "mode": "target"}, pool, target={"path": str(tgt)}, budget=40)
+    sel = _run(context_with(r, emb, target_emb))
+    picked = [ids[i] for i in sel.indices]
+    assert [picked.count(c) for c in range(4)] == [0, 30, 10, 0]
+    assert sorted(sel.summary["cluster_target_members"]) == [0, 0, 5, 15]
+    assert {sel.scores[i]["cluster_target_members"] for i in sel.indices} == {15.0, 5.0}
+    # A budget beyond the target's clusters spills over to the others once those run out.
+    r = recipe(tmp_path, {"name": "diversity", "clusters": 4, "mode": "target"}, pool, target={"path": str(tgt)}, budget=150)
+    picked = [ids[i] for i in _run(context_with(r, emb, target_emb)).indices]
+    assert picked.count(1) == 60 and picked.count(2) == 60 and len(picked) == 150
 
 
 def test_kmeans_recovers_planted_clusters_and_allocate_respects_caps():
@@ -143,3 +161,87 @@ def test_fit_linear_rule_recovers_planted_weights():
     fit = fit_linear_rule(rows, losses)
     assert fit["length"] == pytest.approx(0.3, abs=1e-9) and fit["perplexity"] == pytest.approx(-0.7, abs=1e-9)
     assert fit["bias"] == pytest.approx(1.5, abs=1e-9)
+
+
+def _fit_pool(tmp_path):
+    rows = [{"instruction": "do " * (1 + i % 4), "output": "w " * (1 + (7 * i) % 23)} for i in range(40)]
+    return rows, write_jsonl(tmp_path / "pool.jsonl", rows)
+
+
+def test_quality_fit_recovers_a_planted_rule_from_run_losses_and_selects_by_it(tmp_path):
+    """Runs whose losses follow loss = 1 + 0.3 z(length) - 0.1 z(ratio) (pool-standardised means):
+    the fitted weights are the negated coefficients and the selection is the top-k of that rule."""
+    rows, pool = _fit_pool(tmp_path)
+    length = torch.tensor([len(r["output"].split()) for r in rows], dtype=torch.float64)
+    ratio = length / torch.tensor([len(r["instruction"].split()) for r in rows], dtype=torch.float64)
+    z_len, z_ratio = (length - length.mean()) / length.std(unbiased=False), (ratio - ratio.mean()) / ratio.std(unbiased=False)
+    runs, g = [], torch.Generator().manual_seed(3)
+    for r in range(5):
+        idx = torch.randperm(40, generator=g)[:8].tolist()
+        data = write_jsonl(tmp_path / f"run{r}.jsonl", [rows[i] for i in idx])
+        loss = 1.0 + 0.3 * float(z_len[idx].mean()) - 0.1 * float(z_ratio[idx].mean())
+        runs.append({"data": str(data), "loss": loss})
+    r = recipe(tmp_path, {"name": "quality", "fit": {"indicators": ["length", "ratio"], "runs": runs}}, pool, budget=6)
+    sel = _run(context_with(r, torch.zeros(0)))
+    assert sel.summary["weights"] == pytest.approx({"length": -0.3, "ratio": 0.1}, abs=1e-9)
+    assert sel.summary["fit"]["r2"] == pytest.approx(1.0, abs=1e-9)
+    assert [run["predicted"] for run in sel.summary["fit"]["runs"]] == pytest.approx([run["loss"] for run in runs], abs=1e-9)
+    expected = sorted(range(40), key=lambda i: (-float(-0.3 * z_len[i] + 0.1 * z_ratio[i]), i))[:6]
+    assert sel.indices == expected
+    assert "fitted on 5 runs" in sel.reason
+
+
+class _CountingScorer:
+    """Mean NLL = words in the response / 10; remembers which records it was asked to score."""
+
+    def __init__(self):
+        self.scored: list[str] = []
+
+    def mean_nll(self, pool, indices=None, desc=""):
+        indices = range(len(pool)) if indices is None else indices
+        self.scored += [pool.items[i].response for i in indices]
+        return {i: len(pool.items[i].response.split()) / 10 for i in indices}
+
+
+def test_quality_fit_scores_perplexity_once_per_record(tmp_path):
+    rows, pool = _fit_pool(tmp_path)
+    new = {"instruction": "new", "output": "never seen before in the pool"}
+    runs = [{"data": str(write_jsonl(tmp_path / f"run{r}.jsonl", rows[r * 8:(r + 1) * 8] + ([new] if r == 0 else []))),
+             "loss": 1.0 + r / 10} for r in range(3)]
+    r = recipe(tmp_path, {"name": "quality", "fit": {"indicators": ["perplexity"], "runs": runs}}, pool, budget=4)
+    ctx = context_with(r, torch.zeros(0))
+    ctx._cache["scorer"] = scorer = _CountingScorer()
+    sel = _run(ctx)
+    assert len(scorer.scored) == 41 and scorer.scored[-1] == new["output"]  # the pool once, then only the new record
+    assert set(sel.summary["weights"]) == {"perplexity"} and len(sel.indices) == 4
+
+
+@pytest.mark.parametrize("fit, message", [
+    ({"indicators": ["length", "ratio"], "runs": [{"data": "a.jsonl", "loss": 1.0}, {"data": "b.jsonl", "loss": 2.0}]},
+     "2 runs cannot fit 2 indicators and a bias; expected at least 3 runs"),
+    ({"indicators": ["lenght"], "runs": [{"data": "a.jsonl", "loss": 1.0}, {"data": "b.jsonl", "loss": 2.0}]}, "did you mean 'length'"),
+    ({"indicators": ["length"], "runs": [{"data": "a.jsonl", "loss": float("nan")}, {"data": "b.jsonl", "loss": 2.0}]}, "not a finite number"),
+])
+def test_quality_fit_config_errors(tmp_path, fit, message):
+    _, pool = _fit_pool(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        recipe(tmp_path, {"name": "quality", "fit": fit}, pool, budget=3)
+    with pytest.raises(ConfigError, match="give weights or fit, not both"):
+        recipe(tmp_path, {"name": "quality", "weights": {"length": 1.0},
+                          "fit": {"indicators": ["length"], "runs": [{"data": "a", "loss": 1.0}, {"data": "b", "loss": 2.0}]}}, pool, budget=3)
+
+
+def test_quality_fit_run_file_errors_name_the_file_before_any_scoring(tmp_path):
+    rows, pool = _fit_pool(tmp_path)
+    good = str(write_jsonl(tmp_path / "good.jsonl", rows[:5]))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"instruction": "no response here"}])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "plain text"}])
+    for path, message in ((bad, r"bad\.jsonl:2"), (text, r"text\.jsonl:1: the fit run's data is 'text'"),
+                          (tmp_path / "missing.jsonl", "missing.jsonl")):
+        runs = [{"data": good, "loss": 1.0}, {"data": str(path), "loss": 2.0}]
+        r = recipe(tmp_path, {"name": "quality", "fit": {"indicators": ["perplexity"], "runs": runs}}, pool, budget=3)
+        ctx = context_with(r, torch.zeros(0))
+        ctx._cache["scorer"] = scorer = _CountingScorer()
+        with pytest.raises((DataError, ConfigError), match=message):
+            _run(ctx)
+        assert scorer.scored == []

@@ -10,40 +10,90 @@ Indicators of item ``i``:
 
 Each indicator is standardised over the pool (``z = (v - mean) / std``, so weights are
 unit-free) and combined as ``score_i = sum_k w_k z_ik``; the top ``budget`` scores are kept.
-The weights can be fitted from a few small training runs with :func:`fit_linear_rule`
-(least squares of the runs' eval losses on the mean indicators of their training sets; a
-lower loss is better, so the rule to use is the negated fit).
+
+The weights can instead be fitted, as the paper does, from a few small training runs: ``fit``
+lists each run's training file and the eval loss it reached. A run's row is the mean of its
+records' standardised indicators (standardised with the *pool's* mean and std, so runs and
+pool share one scale); least squares gives ``loss ≈ b + sum_k c_k z_k``
+(:func:`fit_linear_rule`), and since a lower loss is better the rule used is ``w_k = -c_k``.
+Whatever the runs were evaluated on is what the rule learns to prefer: evaluate them on a
+sample of the target task to make the rule target-aware.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import math
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
+from deltatune.core.config import StrictConfig
+from deltatune.select.pool import Pool, read_pool
 from deltatune.select.registry import Selection, StrategyConfig, register_strategy
-from deltatune.utils.errors import ConfigError, did_you_mean
+from deltatune.utils.errors import ConfigError, DataError, did_you_mean
 
 INDICATORS = ("length", "perplexity", "ratio", "reward")
+
+
+def _check_indicators(keys) -> None:
+    if not keys:
+        raise ValueError(f"no indicator given; expected at least one of {', '.join(INDICATORS)}")
+    for key in keys:
+        if key not in INDICATORS:
+            raise ValueError(f"unknown indicator {key!r}{did_you_mean(key, INDICATORS)}; expected one of {', '.join(INDICATORS)}")
+
+
+class FitRun(StrictConfig):
+    data: str  # the run's training file (same format and columns as the pool)
+    loss: float  # the eval loss it reached; lower is better
+
+    @field_validator("loss")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"loss {value} is not a finite number")
+        return value
+
+
+class FitSection(StrictConfig):
+    indicators: list[str]
+    runs: list[FitRun]
+
+    @model_validator(mode="after")
+    def _enough_runs(self) -> "FitSection":
+        _check_indicators(self.indicators)
+        if len(set(self.indicators)) != len(self.indicators):
+            raise ValueError(f"indicators {self.indicators} repeat a name")
+        need = len(self.indicators) + 1  # one weight per indicator and the bias
+        if len(self.runs) < need:
+            raise ValueError(f"{len(self.runs)} runs cannot fit {len(self.indicators)} indicators and a bias; expected at least {need} runs")
+        return self
 
 
 class QualityConfig(StrategyConfig):
     name: str = "quality"
     # Default: prefer what the base model finds natural (low perplexity). A default, not a fitted rule.
     weights: dict[str, float] = {"perplexity": -1.0}
+    fit: FitSection | None = None  # fit the weights from small training runs instead
     reward_fn: str | None = None  # "package.module:function", called with the record's dict
     standardize: bool = True
 
     @field_validator("weights")
     @classmethod
     def _known(cls, value: dict[str, float]) -> dict[str, float]:
-        if not value:
-            raise ValueError(f"weights is empty; expected at least one of {', '.join(INDICATORS)}")
-        for key in value:
-            if key not in INDICATORS:
-                raise ValueError(f"unknown indicator {key!r}{did_you_mean(key, INDICATORS)}; expected one of {', '.join(INDICATORS)}")
+        _check_indicators(value)
         return value
+
+    @model_validator(mode="after")
+    def _weights_or_fit(self) -> "QualityConfig":
+        if self.fit is not None and "weights" in self.model_fields_set:
+            raise ValueError("give weights or fit, not both: fit computes the weights")
+        return self
+
+    @property
+    def indicators(self) -> list[str]:
+        return list(self.fit.indicators) if self.fit is not None else list(self.weights)
 
 
 def load_reward_fn(spec: str):
@@ -78,33 +128,97 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
+def _record_key(data: dict) -> str:
+    return json.dumps(data, sort_keys=True, ensure_ascii=False)
+
+
+def raw_indicators(ctx, pool: Pool, keys: list[str], reward_fn, known_nll: dict[str, float] | None = None) -> dict[str, list[float]]:
+    """``{indicator: [value per item of pool]}``. ``known_nll`` (record key → mean NLL) spares
+    rescoring records already scored (a fit run's records are usually pool records)."""
+    items = pool.items
+    conversational = pool.format in ("instruction", "chat")
+    raw: dict[str, list[float]] = {}
+    if "length" in keys:
+        raw["length"] = [float(_words(it.response if conversational else it.text)) for it in items]
+    if "ratio" in keys:
+        raw["ratio"] = [_words(it.response) / max(1, _words(it.prompt)) for it in items]
+    if "reward" in keys:
+        raw["reward"] = [float(reward_fn(dict(it.data))) for it in items]
+    if "perplexity" in keys:
+        known = known_nll or {}
+        missing = [i for i, it in enumerate(items) if _record_key(it.data) not in known]
+        scored = ctx.scorer().mean_nll(pool, missing, desc="quality: perplexity") if missing else {}
+        nll = [scored[i] if i in scored else known[_record_key(it.data)] for i, it in enumerate(items)]
+        raw["perplexity"] = [math.exp(min(v, 50.0)) for v in nll]
+    return {k: raw[k] for k in keys}
+
+
+def _scaler(values: list[float], standardize: bool):
+    """``v -> (v - mean) / std`` with the pool's mean and std (``std = 0``: centred only)."""
+    if not standardize:
+        return lambda t: t
+    pool = torch.tensor(values, dtype=torch.float64)
+    mean, std = pool.mean(), pool.std(unbiased=False) if len(pool) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    return (lambda t: (t - mean) / std) if std > 0 else (lambda t: t - mean)
+
+
+def read_fit_runs(ctx, fit: FitSection) -> list[Pool]:
+    """Each run's training file, read with the pool's reader options and checked (fields, format)."""
+    run_pools = []
+    for run in fit.runs:
+        run_pool = read_pool(ctx.recipe.pool.model_copy(update={"path": run.data}), "fit run's training set")
+        if run_pool.format != ctx.pool.format:
+            raise DataError(f"{run_pool.items[0].origin}: the fit run's data is {run_pool.format!r} but the pool "
+                            f"{ctx.pool.path} is {ctx.pool.format!r}; expected the same format")
+        run_pools.append(run_pool)
+    return run_pools
+
+
+def fit_weights(ctx, config: QualityConfig, raw: dict[str, list[float]], run_pools: list[Pool], reward_fn) -> tuple[dict[str, float], dict]:
+    """Weights ``-c_k`` of the least-squares fit of the runs' losses on their mean standardised
+    indicators, and a summary of the fit (coefficients, R², each run's row and prediction)."""
+    fit = config.fit
+    known = None
+    if "perplexity" in raw:
+        nll = [math.log(v) for v in raw["perplexity"]]
+        known = {_record_key(it.data): nll[i] for i, it in enumerate(ctx.pool.items)}
+    scale = {k: _scaler(raw[k], config.standardize) for k in fit.indicators}
+    rows = []
+    for run_pool in run_pools:
+        run_raw = raw_indicators(ctx, run_pool, fit.indicators, reward_fn, known)
+        rows.append({k: float(scale[k](torch.tensor(run_raw[k], dtype=torch.float64)).mean()) for k in fit.indicators})
+    losses = [run.loss for run in fit.runs]
+    coef = fit_linear_rule(rows, losses)
+    predicted = [coef["bias"] + sum(coef[k] * row[k] for k in fit.indicators) for row in rows]
+    mean_loss = sum(losses) / len(losses)
+    total = sum((y - mean_loss) ** 2 for y in losses)
+    r2 = 1.0 - sum((y - p) ** 2 for y, p in zip(losses, predicted)) / total if total > 0 else float("nan")
+    summary = {"coefficients": {k: coef[k] for k in fit.indicators}, "bias": coef["bias"], "r2": r2,
+               "runs": [{"data": run.data, "records": len(p), "loss": run.loss, "predicted": pred, "indicators": row}
+                        for run, p, pred, row in zip(fit.runs, run_pools, predicted, rows)]}
+    return {k: -coef[k] for k in fit.indicators}, summary
+
+
 @register_strategy(QualityConfig)
 def select_quality(ctx, config: QualityConfig) -> Selection:
-    """Top-k by a linear rule over length, perplexity, response/instruction ratio and reward."""
-    items = ctx.pool.items
+    """Top-k by a linear rule (given, or fitted from small runs) over length, perplexity, response/instruction ratio and reward."""
+    keys = config.indicators
     conversational = ctx.pool.format in ("instruction", "chat")
-    if "ratio" in config.weights and not conversational:
-        raise ConfigError(f"strategy.weights.ratio needs instruction or chat data; the pool {ctx.pool.path} is {ctx.pool.format!r}")
-    if "reward" in config.weights and not config.reward_fn:
-        raise ConfigError("strategy.weights.reward is set but strategy.reward_fn is not; expected 'module:function'")
-    raw: dict[str, list[float]] = {}
-    if "length" in config.weights:
-        raw["length"] = [float(_words(it.response if conversational else it.text)) for it in items]
-    if "ratio" in config.weights:
-        raw["ratio"] = [_words(it.response) / max(1, _words(it.prompt)) for it in items]
-    if "reward" in config.weights:
-        fn = load_reward_fn(config.reward_fn)
-        raw["reward"] = [float(fn(dict(it.data))) for it in items]
-    if "perplexity" in config.weights:
-        nll = ctx.scorer().mean_nll(ctx.pool, desc="quality: perplexity")
-        raw["perplexity"] = [math.exp(min(nll[i], 50.0)) for i in range(len(items))]
-    z = {}
-    for key, values in raw.items():
-        t = torch.tensor(values, dtype=torch.float64)
-        std = t.std(unbiased=False) if len(t) > 1 else torch.tensor(0.0, dtype=torch.float64)
-        z[key] = ((t - t.mean()) / std if std > 0 else t - t.mean()) if config.standardize else t
-    score = sum(config.weights[k] * z[k] for k in raw)
-    order = sorted(range(len(items)), key=lambda i: (-float(score[i]), i))[: ctx.budget]
-    scores = {i: {"score": float(score[i]), **{k: raw[k][i] for k in raw}} for i in order}
-    rule = " + ".join(f"{w:g}*z({k})" for k, w in config.weights.items())
-    return Selection(order, scores, reason=f"top-{ctx.budget} by the linear rule {rule}", summary={"weights": dict(config.weights)})
+    if "ratio" in keys and not conversational:
+        raise ConfigError(f"strategy indicator ratio needs instruction or chat data; the pool {ctx.pool.path} is {ctx.pool.format!r}")
+    if "reward" in keys and not config.reward_fn:
+        raise ConfigError("strategy indicator reward is used but strategy.reward_fn is not set; expected 'module:function'")
+    reward_fn = load_reward_fn(config.reward_fn) if "reward" in keys else None
+    # The run files are read and checked before the pool is scored by any model.
+    run_pools = read_fit_runs(ctx, config.fit) if config.fit is not None else []
+    raw = raw_indicators(ctx, ctx.pool, keys, reward_fn)
+    summary: dict = {}
+    weights = dict(config.weights)
+    if config.fit is not None:
+        weights, summary["fit"] = fit_weights(ctx, config, raw, run_pools, reward_fn)
+    score = sum(weights[k] * _scaler(raw[k], config.standardize)(torch.tensor(raw[k], dtype=torch.float64)) for k in keys)
+    order = sorted(range(len(ctx.pool)), key=lambda i: (-float(score[i]), i))[: ctx.budget]
+    scores = {i: {"score": float(score[i]), **{k: raw[k][i] for k in keys}} for i in order}
+    rule = " + ".join(f"{w:g}*z({k})" for k, w in weights.items())
+    how = f"fitted on {len(config.fit.runs)} runs, R² {summary['fit']['r2']:.3f}" if config.fit is not None else "given"
+    return Selection(order, scores, reason=f"top-{ctx.budget} by the linear rule {rule} ({how})", summary={"weights": weights, **summary})
