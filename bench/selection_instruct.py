@@ -13,15 +13,15 @@ held-out records and GOT-D's target sample come from that set alone, the pool is
 whole mixture (the rest of that set included), so a strategy that finds the target's kind of
 data can beat the mixture that random sampling returns.
 
-``--fit-quality`` adds ``quality(fitted)``, Instruction Mining's fitted rule: small probe runs
-(``--fit-size`` records chosen by ``quality`` with one indicator, high and low, ``--fit-steps``
-steps each) are evaluated on the *target sample* (never on the held-out records), and
+``--fit-quality`` adds ``quality(fitted)``, Instruction Mining's fitted rule: short probe runs
+(``--fit-size`` records, default the budget, chosen by ``quality`` with one indicator, high and
+low, ``--fit-steps`` steps each) are evaluated on the *target sample* (never on the held-out records), and
 ``quality``'s ``fit`` turns their losses into the rule's weights.
 
     .venv/bin/python bench/selection_instruct.py --steps 40 --random-seeds 0 1 2
     .venv/bin/python bench/selection_instruct.py --target-set rasbt_instruction_1100 --heldout 0.1 --only got_d
-    .venv/bin/python bench/selection_instruct.py --target-set rasbt_instruction_1100 --heldout 0.1 --only --fit-quality \
-        --reuse-random bench/results/selection_instruct_session7_rasbt.json
+    .venv/bin/python bench/selection_instruct.py --target-set rasbt_instruction_1100 --heldout 0.1 --only "diversity(target)" \
+        --fit-quality --random-seeds --reuse-random bench/results/selection_instruct_session7_rasbt.json
 """
 from __future__ import annotations
 
@@ -121,8 +121,10 @@ def main() -> None:
     p.add_argument("--reuse-random", type=Path, help="take the random runs from this earlier result file (same settings) instead of training them")
     p.add_argument("--fit-quality", action="store_true", help="add quality(fitted): probe runs scored on the target sample")
     p.add_argument("--fit-indicators", nargs="+", default=["length", "ratio"])
-    p.add_argument("--fit-size", type=int, default=200, help="records per probe run")
-    p.add_argument("--fit-steps", type=int, default=15)
+    # Probes as large as the budget: small probes of very short records get repeated several times
+    # in the same steps, and the fit then measures repetition instead of the kind of data (docs/benchmarks.md).
+    p.add_argument("--fit-size", type=int, default=None, help="records per probe run (default: the budget)")
+    p.add_argument("--fit-steps", type=int, default=10)
     p.add_argument("--only", nargs="*", default=list(STRATEGIES))
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_selection_instruct")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "selection_instruct.json")
@@ -139,6 +141,7 @@ def main() -> None:
     only = list(args.only)
     meta = {"config": {k: str(v) for k, v in vars(args).items()}, "pool": len(pool), "subset": n, "heldout": len(held), "target": len(tgt)}
     if args.fit_quality:
+        args.fit_size = args.fit_size or n
         runs = fit_probes(args, pool_path, target_path, scoring)
         strategies["quality(fitted)"] = {"name": "quality", "fit": {"indicators": args.fit_indicators, "runs": runs}}
         only.append("quality(fitted)")

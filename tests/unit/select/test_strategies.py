@@ -231,6 +231,15 @@ def test_quality_fit_config_errors(tmp_path, fit, message):
                           "fit": {"indicators": ["length"], "runs": [{"data": "a", "loss": 1.0}, {"data": "b", "loss": 2.0}]}}, pool, budget=3)
 
 
+def test_quality_fit_refuses_runs_that_do_not_determine_the_weights(tmp_path):
+    rows, pool = _fit_pool(tmp_path)
+    same = str(write_jsonl(tmp_path / "same.jsonl", rows[:8]))
+    runs = [{"data": same, "loss": 1.0 + r / 10} for r in range(3)]  # one indicator row three times: rank 1 of 3
+    r = recipe(tmp_path, {"name": "quality", "fit": {"indicators": ["length", "ratio"], "runs": runs}}, pool, budget=3)
+    with pytest.raises(ConfigError, match=r"same\.jsonl.*rank 1, below the 3 unknowns"):
+        _run(context_with(r, torch.zeros(0)))
+
+
 def test_quality_fit_run_file_errors_name_the_file_before_any_scoring(tmp_path):
     rows, pool = _fit_pool(tmp_path)
     good = str(write_jsonl(tmp_path / "good.jsonl", rows[:5]))

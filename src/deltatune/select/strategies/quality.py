@@ -120,6 +120,10 @@ def fit_linear_rule(indicators: list[dict[str, float]], losses: list[float]) -> 
     keys = sorted(indicators[0])
     a = torch.tensor([[row[k] for k in keys] + [1.0] for row in indicators], dtype=torch.float64)
     y = torch.tensor(losses, dtype=torch.float64).unsqueeze(1)
+    rank = int(torch.linalg.matrix_rank(a))
+    if rank < a.shape[1]:  # least squares would return one of infinitely many rules: refuse, do not guess
+        raise ValueError(f"the runs' indicator rows (with the bias) have rank {rank}, below the {a.shape[1]} unknowns: "
+                         f"the weights are not determined; add runs whose {', '.join(keys)} differ independently, or drop an indicator")
     coef = torch.linalg.lstsq(a, y).solution.flatten().tolist()
     return {**dict(zip(keys, coef[:-1])), "bias": coef[-1]}
 
@@ -188,11 +192,14 @@ def fit_weights(ctx, config: QualityConfig, raw: dict[str, list[float]], run_poo
         run_raw = raw_indicators(ctx, run_pool, fit.indicators, reward_fn, known)
         rows.append({k: float(scale[k](torch.tensor(run_raw[k], dtype=torch.float64)).mean()) for k in fit.indicators})
     losses = [run.loss for run in fit.runs]
-    coef = fit_linear_rule(rows, losses)
+    try:
+        coef = fit_linear_rule(rows, losses)
+    except ValueError as err:
+        raise ConfigError(f"strategy.fit ({', '.join(run.data for run in fit.runs)}): {err}") from None
     predicted = [coef["bias"] + sum(coef[k] * row[k] for k in fit.indicators) for row in rows]
     mean_loss = sum(losses) / len(losses)
     total = sum((y - mean_loss) ** 2 for y in losses)
-    r2 = 1.0 - sum((y - p) ** 2 for y, p in zip(losses, predicted)) / total if total > 0 else float("nan")
+    r2 = 1.0 - sum((y - p) ** 2 for y, p in zip(losses, predicted)) / total if total > 0 else None  # all losses equal
     summary = {"coefficients": {k: coef[k] for k in fit.indicators}, "bias": coef["bias"], "r2": r2,
                "runs": [{"data": run.data, "records": len(p), "loss": run.loss, "predicted": pred, "indicators": row}
                         for run, p, pred, row in zip(fit.runs, run_pools, predicted, rows)]}
@@ -220,5 +227,8 @@ def select_quality(ctx, config: QualityConfig) -> Selection:
     order = sorted(range(len(ctx.pool)), key=lambda i: (-float(score[i]), i))[: ctx.budget]
     scores = {i: {"score": float(score[i]), **{k: raw[k][i] for k in keys}} for i in order}
     rule = " + ".join(f"{w:g}*z({k})" for k, w in weights.items())
-    how = f"fitted on {len(config.fit.runs)} runs, R² {summary['fit']['r2']:.3f}" if config.fit is not None else "given"
+    how = "given"
+    if config.fit is not None:
+        r2 = summary["fit"]["r2"]
+        how = f"fitted on {len(config.fit.runs)} runs, R² " + ("n/a" if r2 is None else f"{r2:.3f}")
     return Selection(order, scores, reason=f"top-{ctx.budget} by the linear rule {rule} ({how})", summary={"weights": weights, **summary})
