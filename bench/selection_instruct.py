@@ -14,8 +14,8 @@ whole mixture (the rest of that set included), so a strategy that finds the targ
 data can beat the mixture that random sampling returns.
 
 ``--fit-quality`` adds ``quality(fitted)``, Instruction Mining's fitted rule: short probe runs
-(``--fit-size`` records, default the budget, chosen by ``quality`` with one indicator, high and
-low, ``--fit-steps`` steps each) are evaluated on the *target sample* (never on the held-out records), and
+(``--fit-size`` records, default the budget, chosen by ``quality`` with one indicator high or
+low, or two indicators in contrast; ``--fit-steps`` steps each) are evaluated on the *target sample* (never on the held-out records), and
 ``quality``'s ``fit`` turns their losses into the rule's weights.
 
     .venv/bin/python bench/selection_instruct.py --steps 40 --random-seeds 0 1 2
@@ -86,28 +86,47 @@ def train_eval(work: Path, name: str, train_path: Path, eval_path: Path, steps: 
     return {"loss": result["after"]["loss"], "train_seconds": time.perf_counter() - t}
 
 
+def probe_rules(indicators: list[str]) -> dict[str, dict[str, float]]:
+    """Selection rules of the probe runs: each indicator alone, high and low, and for each pair
+    of indicators the two contrasts (one high while the other is low), so the probes' indicator
+    means vary independently and the fit can tell the indicators apart."""
+    rules = {}
+    for key in indicators:
+        rules[f"probe_{key}_high"] = {key: 1.0}
+        rules[f"probe_{key}_low"] = {key: -1.0}
+    for i, a in enumerate(indicators):
+        for b in indicators[i + 1:]:
+            rules[f"probe_{a}_high_{b}_low"] = {a: 1.0, b: -1.0}
+            rules[f"probe_{a}_low_{b}_high"] = {a: -1.0, b: 1.0}
+    return rules
+
+
 def fit_probes(args, pool_path: Path, target_path: Path, scoring: dict) -> list[dict]:
-    """One small run per (indicator, high/low): ``--fit-size`` records chosen by that indicator alone,
-    trained ``--fit-steps`` steps, loss on the target sample. Returns quality's ``fit.runs``."""
+    """One short run per probe rule: ``--fit-size`` records, ``--fit-steps`` steps, loss on the
+    target sample (never on the held-out records). Returns quality's ``fit.runs``."""
     runs = []
-    for key in args.fit_indicators:
-        for sign, side in ((1.0, "high"), (-1.0, "low")):
-            name = f"probe_{key}_{side}"
-            path, _ = select(args.work, name, {"name": "quality", "weights": {key: sign}}, args.fit_size,
-                             args.work / "embeddings", target_path, pool=pool_path, scoring=scoring)
-            loss = train_eval(args.work, name, path, target_path, args.fit_steps, 0)["loss"]
-            runs.append({"data": str(path), "loss": loss})
-            print({"probe": name, "loss": loss}, flush=True)
+    for name, weights in probe_rules(args.fit_indicators).items():
+        path, _ = select(args.work, name, {"name": "quality", "weights": weights}, args.fit_size,
+                         args.work / "embeddings", target_path, pool=pool_path, scoring=scoring)
+        loss = train_eval(args.work, name, path, target_path, args.fit_steps, 0)["loss"]
+        runs.append({"data": str(path), "loss": loss})
+        print({"probe": name, "loss": loss}, flush=True)
     return runs
 
 
-def reused_random(path: Path, args) -> list[dict]:
+def reused_random(path: Path, args, sizes: dict[str, int]) -> list[dict]:
     """Random rows of an earlier result file run with the same split, budget and steps."""
     old = json.loads(path.read_text(encoding="utf-8"))
     for key in ("budget", "steps", "heldout", "target", "target_set"):
-        if old["config"][key] != str(getattr(args, key)):
-            raise SystemExit(f"{path}: its {key} is {old['config'][key]}, this run's is {getattr(args, key)}; cannot reuse its random runs")
-    return [{**r, "reused_from": str(path)} for r in old["runs"] if r["strategy"] == "random"]
+        if old["config"].get(key, "None") != str(getattr(args, key)):
+            raise SystemExit(f"{path}: its {key} is {old['config'].get(key)}, this run's is {getattr(args, key)}; cannot reuse its random runs")
+    for key, value in sizes.items():  # the split itself, in case the data changed
+        if old.get(key) != value:
+            raise SystemExit(f"{path}: its {key} is {old.get(key)}, this run's is {value}; cannot reuse its random runs")
+    rows = [{**r, "reused_from": str(path)} for r in old["runs"] if r["strategy"] == "random"]
+    if not rows:
+        raise SystemExit(f"{path} has no random runs to reuse")
+    return rows
 
 
 def main() -> None:
@@ -129,6 +148,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_selection_instruct")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "selection_instruct.json")
     args = p.parse_args()
+    if not args.random_seeds and not args.reuse_random:
+        p.error("no random baseline: give --random-seeds or --reuse-random")
+    if "quality(fitted)" in args.only:
+        p.error("quality(fitted) is added by --fit-quality; leave it out of --only")
+    unknown = [name for name in args.only if name not in STRATEGIES]
+    if unknown:
+        p.error(f"unknown strategies {unknown}; expected some of {list(STRATEGIES)}")
 
     pool, held, tgt = split_sets(args.heldout, args.target, target_set=args.target_set)
     pool_path = write_jsonl(args.work / "pool.jsonl", pool)
@@ -139,14 +165,16 @@ def main() -> None:
     scoring = {"name": MODEL, "batch_size": 8, "max_length": 384}
     strategies = dict(STRATEGIES)
     only = list(args.only)
-    meta = {"config": {k: str(v) for k, v in vars(args).items()}, "pool": len(pool), "subset": n, "heldout": len(held), "target": len(tgt)}
     if args.fit_quality:
         args.fit_size = args.fit_size or n
+    sizes = {"pool": len(pool), "subset": n, "heldout": len(held), "target": len(tgt)}
+    meta = {"config": {k: str(v) for k, v in vars(args).items()}, **sizes}
+    prior = reused_random(args.reuse_random, args, sizes) if args.reuse_random else []  # checked before hours of runs
+    if args.fit_quality:
         runs = fit_probes(args, pool_path, target_path, scoring)
         strategies["quality(fitted)"] = {"name": "quality", "fit": {"indicators": args.fit_indicators, "runs": runs}}
         only.append("quality(fitted)")
         meta["fit_probes"] = runs
-    prior = reused_random(args.reuse_random, args) if args.reuse_random else []
     rows = prior + compare(args.work, pool, n, args.random_seeds, only,
                            train_one=lambda name, path: train_eval(args.work, name, path, eval_path, args.steps, 0),
                            select_one=lambda name, safe: select(args.work, safe, strategies[name], args.budget, args.work / "embeddings",

@@ -2,7 +2,7 @@
 
     strategy: {name: got_d, reg: 0.05}     # strategy name + that strategy's own options
     pool: {path: pool.jsonl}               # candidates (any file deltatune.data reads)
-    target: {path: target.jsonl}           # got_d only: a small sample of the target task
+    target: {path: target.jsonl}           # got_d, diversity mode target: a small sample of the target task
     budget: 0.05                           # a count (int >= 1) or a fraction of the pool (0 < x < 1)
     embedding: {model: minilm-l6}          # any sentence encoder by name
     model: {name: smollm2-135m-instruct}   # scoring model for grape / quality / diversity (loss mode)

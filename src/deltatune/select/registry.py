@@ -20,6 +20,10 @@ from deltatune.utils.errors import ConfigError, did_you_mean
 class StrategyConfig(StrictConfig):
     name: str
 
+    def input_paths(self) -> list[str]:
+        """Files the strategy reads besides the pool and target (the pipeline refuses to write over them)."""
+        return []
+
 
 @dataclass
 class Selection:
@@ -40,19 +44,30 @@ class Strategy:
     name: str
     config_cls: type[StrategyConfig]
     select: Callable[..., Selection]
-    needs_target: bool | Callable[[StrategyConfig], bool] = False  # a callable: the config decides (a mode that uses a target)
+    # True/False, or (option, value): a target is needed exactly when that option has that value
+    needs_target: bool | tuple[str, Any] = False
     needs_budget: bool = True
     formats: tuple[str, ...] | None = None  # pool formats it accepts; None = any
     doc: str = ""
 
     def uses_target(self, config: StrategyConfig) -> bool:
-        return self.needs_target(config) if callable(self.needs_target) else self.needs_target
+        if isinstance(self.needs_target, tuple):
+            option, value = self.needs_target
+            return getattr(config, option) == value
+        return self.needs_target
+
+    def describe(self, config: StrategyConfig) -> str:
+        """``strategy 'x'``, plus the option that decides whether a target is used."""
+        if isinstance(self.needs_target, tuple):
+            option = self.needs_target[0]
+            return f"strategy {self.name!r} with {option} {getattr(config, option)!r}"
+        return f"strategy {self.name!r}"
 
 
 _STRATEGIES: dict[str, Strategy] = {}
 
 
-def register_strategy(config_cls: type[StrategyConfig], *, needs_target: bool | Callable[[StrategyConfig], bool] = False, needs_budget: bool = True,
+def register_strategy(config_cls: type[StrategyConfig], *, needs_target: bool | tuple[str, Any] = False, needs_budget: bool = True,
                       formats: tuple[str, ...] | None = None) -> Callable:
     """Decorator for ``select(context, config) -> Selection``; the key is ``config_cls``'s default ``name``."""
     name = config_cls.model_fields["name"].default

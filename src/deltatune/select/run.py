@@ -39,9 +39,7 @@ def prepare(recipe: SelectRecipe) -> SelectionContext:
     """Every check that needs no model; returns the context a strategy runs in."""
     config = recipe.strategy_config()
     strategy = get_strategy(config.name)
-    what = f"strategy {strategy.name!r}"
-    if callable(strategy.needs_target):  # the options decide: name them
-        what += f" with options {config.model_dump(exclude={'name'}, exclude_defaults=True)}"
+    what = strategy.describe(config)
     if strategy.uses_target(config) and recipe.target is None:
         raise ConfigError(f"{what} needs a target sample: set target.path")
     if not strategy.uses_target(config) and recipe.target is not None:
@@ -50,6 +48,7 @@ def prepare(recipe: SelectRecipe) -> SelectionContext:
         raise ConfigError(f"strategy {strategy.name!r} needs a budget: a count (e.g. 1000) or a fraction of the pool (e.g. 0.05)")
     out, report = Path(recipe.output.path), recipe.output.report_path()
     inputs = {Path(recipe.pool.path).resolve()} | ({Path(recipe.target.path).resolve()} if recipe.target else set())
+    inputs |= {Path(path).resolve() for path in config.input_paths()}
     for p in (out, report):
         if p.resolve() in inputs:
             raise ConfigError(f"output {str(p)!r} is an input file; choose another output.path / output.report")

@@ -1,6 +1,8 @@
 """Each strategy on constructed data: what it keeps and why (embeddings given, no encoder)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -185,6 +187,10 @@ def test_quality_fit_recovers_a_planted_rule_from_run_losses_and_selects_by_it(t
     sel = _run(context_with(r, torch.zeros(0)))
     assert sel.summary["weights"] == pytest.approx({"length": -0.3, "ratio": 0.1}, abs=1e-9)
     assert sel.summary["fit"]["r2"] == pytest.approx(1.0, abs=1e-9)
+    # An exact fit: no residual, so the standard errors are zero; the design is well conditioned.
+    assert sel.summary["fit"]["std_errors"]["length"] == pytest.approx(0.0, abs=1e-6)
+    assert 1.0 <= sel.summary["fit"]["condition_number"] < 100
+    assert r.strategy_config().model_dump()["weights"] is None  # the report shows no unused default rule
     assert [run["predicted"] for run in sel.summary["fit"]["runs"]] == pytest.approx([run["loss"] for run in runs], abs=1e-9)
     expected = sorted(range(40), key=lambda i: (-float(-0.3 * z_len[i] + 0.1 * z_ratio[i]), i))[:6]
     assert sel.indices == expected
@@ -214,6 +220,11 @@ def test_quality_fit_scores_perplexity_once_per_record(tmp_path):
     sel = _run(ctx)
     assert len(scorer.scored) == 41 and scorer.scored[-1] == new["output"]  # the pool once, then only the new record
     assert set(sel.summary["weights"]) == {"perplexity"} and len(sel.indices) == 4
+    # Run 0's row: the mean of its records' perplexities standardised with the *pool's* mean and std.
+    ppl = torch.tensor([math.exp(len(row["output"].split()) / 10) for row in rows], dtype=torch.float64)
+    run0 = torch.tensor([math.exp(len(row["output"].split()) / 10) for row in rows[:8] + [new]], dtype=torch.float64)
+    expected = float(((run0 - ppl.mean()) / ppl.std(unbiased=False)).mean())
+    assert sel.summary["fit"]["runs"][0]["indicators"]["perplexity"] == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("fit, message", [
@@ -229,6 +240,18 @@ def test_quality_fit_config_errors(tmp_path, fit, message):
     with pytest.raises(ConfigError, match="give weights or fit, not both"):
         recipe(tmp_path, {"name": "quality", "weights": {"length": 1.0},
                           "fit": {"indicators": ["length"], "runs": [{"data": "a", "loss": 1.0}, {"data": "b", "loss": 2.0}]}}, pool, budget=3)
+
+
+def test_selection_refuses_to_write_over_a_fit_run_file(tmp_path):
+    from deltatune.select import run_selection
+
+    rows, pool = _fit_pool(tmp_path)
+    runs = [{"data": str(write_jsonl(tmp_path / f"run{r}.jsonl", rows[r * 5:(r + 1) * 5])), "loss": 1.0 + r} for r in range(3)]
+    r = recipe(tmp_path, {"name": "quality", "fit": {"indicators": ["length"], "runs": runs}}, pool, budget=3,
+               output={"path": runs[1]["data"]})
+    with pytest.raises(ConfigError, match=r"run1\.jsonl' is an input file"):
+        run_selection(r)
+    assert (tmp_path / "run1.jsonl").read_text().count("\n") == 5  # untouched
 
 
 def test_quality_fit_refuses_runs_that_do_not_determine_the_weights(tmp_path):

@@ -103,7 +103,7 @@ def allocate(weights: list[float], sizes: list[int], budget: int) -> list[int]:
     return quota
 
 
-@register_strategy(DiversityConfig, needs_target=lambda config: config.mode == "target")
+@register_strategy(DiversityConfig, needs_target=("mode", "target"))
 def select_diversity(ctx, config: DiversityConfig) -> Selection:
     """k-means over embeddings; the budget shared across clusters (equally, or by model loss)."""
     x = ctx.pool_embeddings()

@@ -71,29 +71,36 @@ class FitSection(StrictConfig):
         return self
 
 
+# Without weights or fit: prefer what the base model finds natural (low perplexity). A default, not a fitted rule.
+DEFAULT_WEIGHTS = {"perplexity": -1.0}
+
+
 class QualityConfig(StrategyConfig):
     name: str = "quality"
-    # Default: prefer what the base model finds natural (low perplexity). A default, not a fitted rule.
-    weights: dict[str, float] = {"perplexity": -1.0}
+    weights: dict[str, float] | None = None  # None: DEFAULT_WEIGHTS, unless fit is given
     fit: FitSection | None = None  # fit the weights from small training runs instead
     reward_fn: str | None = None  # "package.module:function", called with the record's dict
     standardize: bool = True
 
     @field_validator("weights")
     @classmethod
-    def _known(cls, value: dict[str, float]) -> dict[str, float]:
-        _check_indicators(value)
+    def _known(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            _check_indicators(value)
         return value
 
     @model_validator(mode="after")
     def _weights_or_fit(self) -> "QualityConfig":
-        if self.fit is not None and "weights" in self.model_fields_set:
+        if self.fit is not None and self.weights is not None:
             raise ValueError("give weights or fit, not both: fit computes the weights")
         return self
 
     @property
     def indicators(self) -> list[str]:
-        return list(self.fit.indicators) if self.fit is not None else list(self.weights)
+        return list(self.fit.indicators) if self.fit is not None else list(self.weights or DEFAULT_WEIGHTS)
+
+    def input_paths(self) -> list[str]:
+        return [run.data for run in self.fit.runs] if self.fit is not None else []
 
 
 def load_reward_fn(spec: str):
@@ -109,23 +116,46 @@ def load_reward_fn(spec: str):
     return fn
 
 
+# Indicator rows closer to dependent than this (smallest / largest singular value) do not determine a rule.
+MIN_SINGULAR_RATIO = 1e-6
+
+
 def fit_linear_rule(indicators: list[dict[str, float]], losses: list[float]) -> dict[str, float]:
     """Least-squares ``loss ≈ b + sum_k w_k v_k`` over training runs; returns ``{indicator: w_k, "bias": b}``.
 
     ``indicators[r]``: the mean (standardised) indicators of run ``r``'s training set;
     ``losses[r]``: that run's eval loss. Use ``{k: -w_k}`` as ``weights`` (lower loss = better).
     """
+    return fit_statistics(indicators, losses)["coefficients"]
+
+
+def fit_statistics(indicators: list[dict[str, float]], losses: list[float]) -> dict:
+    """The least-squares fit with what a reader needs to trust it: ``coefficients`` (and ``bias``),
+    ``std_errors`` (classical OLS, ``None`` without residual degrees of freedom), ``r2`` (``None``
+    when every loss is equal), ``condition_number`` of the design and ``predicted`` losses."""
     if len(indicators) != len(losses) or not indicators:
         raise ValueError("need one indicator row per measured loss, and at least one run")
     keys = sorted(indicators[0])
     a = torch.tensor([[row[k] for k in keys] + [1.0] for row in indicators], dtype=torch.float64)
-    y = torch.tensor(losses, dtype=torch.float64).unsqueeze(1)
-    rank = int(torch.linalg.matrix_rank(a))
+    y = torch.tensor(losses, dtype=torch.float64)
+    sv = torch.linalg.svdvals(a)
+    rank = int((sv > MIN_SINGULAR_RATIO * sv[0]).sum()) if len(sv) else 0
     if rank < a.shape[1]:  # least squares would return one of infinitely many rules: refuse, do not guess
         raise ValueError(f"the runs' indicator rows (with the bias) have rank {rank}, below the {a.shape[1]} unknowns: "
                          f"the weights are not determined; add runs whose {', '.join(keys)} differ independently, or drop an indicator")
-    coef = torch.linalg.lstsq(a, y).solution.flatten().tolist()
-    return {**dict(zip(keys, coef[:-1])), "bias": coef[-1]}
+    coef = torch.linalg.lstsq(a, y.unsqueeze(1)).solution.flatten()
+    predicted = a @ coef
+    rss = float(((y - predicted) ** 2).sum())
+    total = float(((y - y.mean()) ** 2).sum())
+    dof = len(losses) - a.shape[1]
+    std_errors = None
+    if dof > 0:
+        cov = rss / dof * torch.linalg.inv(a.T @ a)
+        std_errors = dict(zip([*keys, "bias"], cov.diagonal().clamp_min(0).sqrt().tolist()))
+    names = [*keys, "bias"]
+    return {"coefficients": dict(zip(names, coef.tolist())), "std_errors": std_errors,
+            "r2": 1.0 - rss / total if total > 0 else None, "condition_number": float(sv[0] / sv[-1]),
+            "predicted": predicted.tolist()}
 
 
 def _words(text: str) -> int:
@@ -193,16 +223,14 @@ def fit_weights(ctx, config: QualityConfig, raw: dict[str, list[float]], run_poo
         rows.append({k: float(scale[k](torch.tensor(run_raw[k], dtype=torch.float64)).mean()) for k in fit.indicators})
     losses = [run.loss for run in fit.runs]
     try:
-        coef = fit_linear_rule(rows, losses)
+        stats = fit_statistics(rows, losses)
     except ValueError as err:
         raise ConfigError(f"strategy.fit ({', '.join(run.data for run in fit.runs)}): {err}") from None
-    predicted = [coef["bias"] + sum(coef[k] * row[k] for k in fit.indicators) for row in rows]
-    mean_loss = sum(losses) / len(losses)
-    total = sum((y - mean_loss) ** 2 for y in losses)
-    r2 = 1.0 - sum((y - p) ** 2 for y, p in zip(losses, predicted)) / total if total > 0 else None  # all losses equal
-    summary = {"coefficients": {k: coef[k] for k in fit.indicators}, "bias": coef["bias"], "r2": r2,
+    coef = stats["coefficients"]
+    summary = {"coefficients": {k: coef[k] for k in fit.indicators}, "bias": coef["bias"], "std_errors": stats["std_errors"],
+               "r2": stats["r2"], "condition_number": stats["condition_number"],
                "runs": [{"data": run.data, "records": len(p), "loss": run.loss, "predicted": pred, "indicators": row}
-                        for run, p, pred, row in zip(fit.runs, run_pools, predicted, rows)]}
+                        for run, p, pred, row in zip(fit.runs, run_pools, stats["predicted"], rows)]}
     return {k: -coef[k] for k in fit.indicators}, summary
 
 
@@ -220,7 +248,7 @@ def select_quality(ctx, config: QualityConfig) -> Selection:
     run_pools = read_fit_runs(ctx, config.fit) if config.fit is not None else []
     raw = raw_indicators(ctx, ctx.pool, keys, reward_fn)
     summary: dict = {}
-    weights = dict(config.weights)
+    weights = dict(config.weights or DEFAULT_WEIGHTS)
     if config.fit is not None:
         weights, summary["fit"] = fit_weights(ctx, config, raw, run_pools, reward_fn)
     score = sum(weights[k] * _scaler(raw[k], config.standardize)(torch.tensor(raw[k], dtype=torch.float64)) for k in keys)
