@@ -208,7 +208,7 @@ def read_fit_runs(ctx, fit: FitSection) -> list[Pool]:
     return run_pools
 
 
-def fit_weights(ctx, config: QualityConfig, raw: dict[str, list[float]], run_pools: list[Pool], reward_fn) -> tuple[dict[str, float], dict]:
+def fit_weights(ctx, config: QualityConfig, raw: dict[str, list[float]], scale: dict, run_pools: list[Pool], reward_fn) -> tuple[dict[str, float], dict]:
     """Weights ``-c_k`` of the least-squares fit of the runs' losses on their mean standardised
     indicators, and a summary of the fit (coefficients, R², each run's row and prediction)."""
     fit = config.fit
@@ -216,7 +216,6 @@ def fit_weights(ctx, config: QualityConfig, raw: dict[str, list[float]], run_poo
     if "perplexity" in raw:
         nll = [math.log(v) for v in raw["perplexity"]]
         known = {_record_key(it.data): nll[i] for i, it in enumerate(ctx.pool.items)}
-    scale = {k: _scaler(raw[k], config.standardize) for k in fit.indicators}
     rows = []
     for run_pool in run_pools:
         run_raw = raw_indicators(ctx, run_pool, fit.indicators, reward_fn, known)
@@ -247,11 +246,12 @@ def select_quality(ctx, config: QualityConfig) -> Selection:
     # The run files are read and checked before the pool is scored by any model.
     run_pools = read_fit_runs(ctx, config.fit) if config.fit is not None else []
     raw = raw_indicators(ctx, ctx.pool, keys, reward_fn)
+    scale = {k: _scaler(raw[k], config.standardize) for k in keys}  # the pool's scale, shared by the fit runs
     summary: dict = {}
     weights = dict(config.weights or DEFAULT_WEIGHTS)
     if config.fit is not None:
-        weights, summary["fit"] = fit_weights(ctx, config, raw, run_pools, reward_fn)
-    score = sum(weights[k] * _scaler(raw[k], config.standardize)(torch.tensor(raw[k], dtype=torch.float64)) for k in keys)
+        weights, summary["fit"] = fit_weights(ctx, config, raw, scale, run_pools, reward_fn)
+    score = sum(weights[k] * scale[k](torch.tensor(raw[k], dtype=torch.float64)) for k in keys)
     order = sorted(range(len(ctx.pool)), key=lambda i: (-float(score[i]), i))[: ctx.budget]
     scores = {i: {"score": float(score[i]), **{k: raw[k][i] for k in keys}} for i in order}
     rule = " + ".join(f"{w:g}*z({k})" for k, w in weights.items())
