@@ -60,14 +60,15 @@ def select(work: Path, name: str, strategy: dict, budget: float, cache: Path, ta
            threads: int = 1) -> tuple[Path, float]:
     """Run one strategy through ``deltatune.select`` (``scoring``: the recipe's ``model`` section, for
     strategies that score with a language model)."""
-    from deltatune.select import run_selection, validate_select_recipe
+    from deltatune.select import get_strategy, run_selection, validate_select_recipe
 
     data = {"strategy": strategy, "pool": {"path": str(pool)}, "budget": budget, "progress": False,
             "embedding": {"model": embedder, "batch_size": 128, "cache_dir": str(cache), "threads": threads},
             "output": {"path": str(work / f"{name}.jsonl")}}
     if scoring:
         data["model"] = scoring
-    if strategy["name"] == "got_d" or strategy.get("mode") == "target":
+    spec = get_strategy(strategy["name"])
+    if spec.uses_target(spec.config_cls(**strategy)):
         data["target"] = {"path": str(target)}
     result = run_selection(validate_select_recipe(data))
     return result.output, result.seconds

@@ -39,11 +39,11 @@ def prepare(recipe: SelectRecipe) -> SelectionContext:
     """Every check that needs no model; returns the context a strategy runs in."""
     config = recipe.strategy_config()
     strategy = get_strategy(config.name)
-    what = strategy.describe(config)
-    if strategy.uses_target(config) and recipe.target is None:
-        raise ConfigError(f"{what} needs a target sample: set target.path")
-    if not strategy.uses_target(config) and recipe.target is not None:
-        raise ConfigError(f"{what} does not use a target sample; remove the target section")
+    uses_target = strategy.uses_target(config)
+    if uses_target and recipe.target is None:
+        raise ConfigError(f"{strategy.describe(config)} needs a target sample: set target.path")
+    if not uses_target and recipe.target is not None:
+        raise ConfigError(f"{strategy.describe(config)} does not use a target sample; remove the target section")
     if strategy.needs_budget and recipe.budget is None:
         raise ConfigError(f"strategy {strategy.name!r} needs a budget: a count (e.g. 1000) or a fraction of the pool (e.g. 0.05)")
     out, report = Path(recipe.output.path), recipe.output.report_path()

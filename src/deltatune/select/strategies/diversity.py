@@ -36,6 +36,11 @@ class DiversityConfig(StrategyConfig):
     probe: int = Field(16, ge=1)  # examples per cluster scored in loss mode
 
 
+def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``[n, k]`` squared Euclidean distances from rows of ``x`` to rows of ``c``."""
+    return (x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(assignment [n], centroids [k, d])``: Lloyd's algorithm with greedy k-means++ seeding.
 
@@ -60,7 +65,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
     c = torch.stack(centroids)
     assign = torch.zeros(n, dtype=torch.long)
     for it in range(iters):
-        dist = (x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)
+        dist = squared_distances(x, c)
         new = dist.argmin(1)
         if it > 0 and torch.equal(new, assign):
             break
@@ -116,7 +121,7 @@ def select_diversity(ctx, config: DiversityConfig) -> Selection:
     losses = target_counts = None
     if config.mode == "target":
         y = ctx.target_embeddings()
-        nearest = ((y * y).sum(1, keepdim=True) - 2 * y @ centroids.T + (centroids * centroids).sum(1)).argmin(1)
+        nearest = squared_distances(y, centroids).argmin(1)
         target_counts = torch.bincount(nearest, minlength=k).tolist()
         weights = [float(n) for n in target_counts]
     elif config.mode == "loss":

@@ -166,9 +166,9 @@ def _record_key(data: dict) -> str:
     return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
 
-def raw_indicators(ctx, pool: Pool, keys: list[str], reward_fn, known_nll: dict[str, float] | None = None) -> dict[str, list[float]]:
-    """``{indicator: [value per item of pool]}``. ``known_nll`` (record key → mean NLL) spares
-    rescoring records already scored (a fit run's records are usually pool records)."""
+def raw_indicators(ctx, pool: Pool, keys: list[str], reward_fn, known_perplexity: dict[str, float] | None = None) -> dict[str, list[float]]:
+    """``{indicator: [value per item of pool]}``. ``known_perplexity`` (record key → perplexity)
+    spares rescoring records already scored (a fit run's records are usually pool records)."""
     items = pool.items
     conversational = pool.format in ("instruction", "chat")
     raw: dict[str, list[float]] = {}
@@ -179,11 +179,11 @@ def raw_indicators(ctx, pool: Pool, keys: list[str], reward_fn, known_nll: dict[
     if "reward" in keys:
         raw["reward"] = [float(reward_fn(dict(it.data))) for it in items]
     if "perplexity" in keys:
-        known = known_nll or {}
-        missing = [i for i, it in enumerate(items) if _record_key(it.data) not in known]
-        scored = ctx.scorer().mean_nll(pool, missing, desc="quality: perplexity") if missing else {}
-        nll = [scored[i] if i in scored else known[_record_key(it.data)] for i, it in enumerate(items)]
-        raw["perplexity"] = [math.exp(min(v, 50.0)) for v in nll]
+        known = known_perplexity or {}
+        record_keys = [_record_key(it.data) for it in items]
+        missing = [i for i, key in enumerate(record_keys) if key not in known]
+        nll = ctx.scorer().mean_nll(pool, missing, desc="quality: perplexity") if missing else {}
+        raw["perplexity"] = [math.exp(min(nll[i], 50.0)) if i in nll else known[key] for i, key in enumerate(record_keys)]
     return {k: raw[k] for k in keys}
 
 
@@ -214,8 +214,7 @@ def fit_weights(ctx, config: QualityConfig, raw: dict[str, list[float]], scale: 
     fit = config.fit
     known = None
     if "perplexity" in raw:
-        nll = [math.log(v) for v in raw["perplexity"]]
-        known = {_record_key(it.data): nll[i] for i, it in enumerate(ctx.pool.items)}
+        known = {_record_key(it.data): raw["perplexity"][i] for i, it in enumerate(ctx.pool.items)}
     rows = []
     for run_pool in run_pools:
         run_raw = raw_indicators(ctx, run_pool, fit.indicators, reward_fn, known)
