@@ -24,6 +24,7 @@ from torch import nn
 from deltatune.core.delta_model import _OWNER_ATTR, DeltaModel
 from deltatune.generation import SamplingParams, render_prompt
 from deltatune.utils.errors import ConfigError
+from deltatune.utils.hf_cache import cache_arg_name, output_cache
 
 
 def proxy_logits(big: torch.Tensor, small_base: torch.Tensor, small_tuned: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
@@ -69,8 +70,9 @@ class _CachedModel:
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         with self.context():
-            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+            cache = {cache_arg_name(self.model): self.cache} if self.cache is not None else {}
+            out = self.model(input_ids=ids, use_cache=True, **cache)
+        self.cache = output_cache(out)
         return out.logits[:, -1, :]
 
 

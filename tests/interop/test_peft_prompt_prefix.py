@@ -4,8 +4,11 @@ PEFT's prompt tuning returns logits for the V virtual positions too; deltatune s
 the comparison is on the real tokens' logits (PEFT's ``logits[:, V:]``). A classifier's logits
 come from the pooled first position in both, so they are compared whole.
 """
+import inspect
+
 import pytest
 import torch
+from transformers import BertModel
 
 import deltatune
 from tests.helpers import randomize_delta, tiny_bert_config, tiny_llama_config
@@ -37,6 +40,9 @@ def peft_config(method, kind):
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_both_ways(method, kind, tmp_path):
+    if kind == "bert" and method == "prefix_tuning" and "past_key_values" not in inspect.signature(BertModel.forward).parameters:
+        pytest.skip(f"peer limitation: PEFT {peft.__version__} runs sequence-classification prefix tuning only on a backbone "
+                    "whose forward names 'past_key_values'; transformers >= 5.25 calls it 'cache'")
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
     config = {"method": method, "num_virtual_tokens": V}
     if kind == "bert":  # PEFT's sequence-classification model expects the trained head in the file

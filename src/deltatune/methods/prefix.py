@@ -35,6 +35,7 @@ from deltatune.methods.virtual_tokens import (
     forward_params,
 )
 from deltatune.utils.errors import TargetError
+from deltatune.utils.hf_cache import cache_arg_name
 
 
 class PrefixTuningConfig(VirtualTokenConfig):
@@ -75,7 +76,7 @@ def activations_init(backbone: nn.Module, n: int, dtype: torch.dtype) -> torch.T
     embed = backbone.get_input_embeddings()
     ids = torch.randint(0, embed.weight.shape[0], (1, n), device=embed.weight.device)
     cache = DynamicCache()
-    backbone(input_ids=ids, past_key_values=cache, use_cache=True)
+    backbone(input_ids=ids, use_cache=True, **{cache_arg_name(backbone): cache})
     layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(len(cache.layers))]
     # [1, H, n, D] per key/value → [n, L, 2, H, D]
     stacked = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers])  # [L, 2, H, n, D]
@@ -103,6 +104,7 @@ class PrefixBranch(DeltaBranch):
         else:
             self.prompt_embeddings = nn.Parameter(torch.randn(n, width, device=ref.device, dtype=ref.dtype) * 0.02)
         self.arg_names = forward_params(backbone)
+        self.cache_arg = cache_arg_name(backbone)
 
     def prefix(self) -> torch.Tensor:
         """P [V, L·2·H·D] (through the MLP while it is in use)."""
@@ -119,19 +121,19 @@ class PrefixBranch(DeltaBranch):
     def around_call(self, call, *args, **kwargs):
         from transformers import DynamicCache
 
-        kw = bind(self.arg_names, args, kwargs)
+        kw = bind(self.arg_names, args, kwargs, self.cache_arg)
         n = self.num_virtual_tokens
         injected = None
         if not cache_is_filled(kw):
             b = batch_size(kw)
-            cache = kw.get("past_key_values")
+            cache = kw.get(self.cache_arg)
             if cache is None:
                 cache = DynamicCache()
             p = self.prefix().view(n, self.layers, 2, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)  # [L, 2, H, V, D]
             for layer in range(self.layers):
                 k, v = (t.unsqueeze(0).expand(b, -1, -1, -1) for t in p[layer])
                 cache.update(k, v, layer)
-            kw["past_key_values"] = injected = cache
+            kw[self.cache_arg] = injected = cache
         extend_for_virtual_tokens(kw, n, prepend_positions=False)
         out = call(**kw)
         if injected is not None and kw.get("use_cache", None) is False:
@@ -148,7 +150,7 @@ class PrefixTuningMethod(VirtualTokenMethod):
     peft_type = "PREFIX_TUNING"
 
     def can_wrap(self, module: nn.Module) -> bool:
-        return super().can_wrap(module) and "past_key_values" in forward_params(module)
+        return super().can_wrap(module) and cache_arg_name(module) is not None
 
     def make_branch(self, module_name: str, module: nn.Module, config: PrefixTuningConfig) -> PrefixBranch:
         return PrefixBranch(module, config)

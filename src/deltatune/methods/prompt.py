@@ -31,6 +31,7 @@ from deltatune.methods.virtual_tokens import (
     extend_for_virtual_tokens,
     forward_params,
 )
+from deltatune.utils.hf_cache import cache_arg_name
 
 
 class PromptTuningConfig(VirtualTokenConfig):
@@ -67,6 +68,7 @@ class PromptBranch(DeltaBranch):
         self.prompt_embeddings = nn.Parameter(init)
         self.num_virtual_tokens = n
         self.arg_names = forward_params(backbone)
+        self.cache_arg = cache_arg_name(backbone)
         # A plain reference, not a submodule: the backbone's weights are not part of this delta.
         self.__dict__["backbone"] = backbone
 
@@ -74,7 +76,7 @@ class PromptBranch(DeltaBranch):
         return base_out
 
     def around_call(self, call, *args, **kwargs):
-        kw = bind(self.arg_names, args, kwargs)
+        kw = bind(self.arg_names, args, kwargs, self.cache_arg)
         n = self.num_virtual_tokens
         if cache_is_filled(kw):  # a later decode step: the prompt is already in the KV cache
             extend_for_virtual_tokens(kw, n, prepend_positions=False)

@@ -21,6 +21,7 @@ from torch import nn
 from deltatune.core.config import DeltaConfig
 from deltatune.core.method import Capabilities, DeltaMethod
 from deltatune.utils.errors import TargetError
+from deltatune.utils.hf_cache import get_cache, pop_cache
 
 
 class VirtualTokenConfig(DeltaConfig):
@@ -45,9 +46,15 @@ def forward_params(module: nn.Module) -> list[str]:
     return list(inspect.signature(module.forward).parameters)
 
 
-def bind(names: list[str], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional arguments → keywords, so the branch can edit any argument by name."""
-    return {**dict(zip(names, args)), **kwargs}
+def bind(names: list[str], args: tuple, kwargs: dict[str, Any], cache_arg: str | None) -> dict[str, Any]:
+    """Positional arguments → keywords, so the branch can edit any argument by name. The KV cache
+    goes under ``cache_arg``, the name the backbone takes: the caller may use the other one."""
+    kw = {**dict(zip(names, args)), **kwargs}
+    if cache_arg is not None:
+        cache = pop_cache(kw)
+        if cache is not None:
+            kw[cache_arg] = cache
+    return kw
 
 
 def batch_size(kw: dict[str, Any]) -> int:
@@ -78,7 +85,7 @@ def extend_for_virtual_tokens(kw: dict[str, Any], n: int, prepend_positions: boo
 
 def cache_is_filled(kw: dict[str, Any]) -> bool:
     """True on later decode steps: the KV cache already holds the virtual tokens."""
-    cache = kw.get("past_key_values")
+    cache = get_cache(kw)
     return cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
 
 

@@ -32,6 +32,7 @@ from deltatune.serve.lora_branch import LoraContext, ServedLoraBranch
 from deltatune.serve.sampling import SamplingParams, choose_tokens, held_back, make_generator, stop_hit
 from deltatune.serve.scheduler import Request, Scheduler
 from deltatune.utils.errors import ConfigError, DeltatuneError
+from deltatune.utils.hf_cache import cache_arg_name
 
 log = logging.getLogger(__name__)
 SERVE_BRANCH = "_serve_lora"
@@ -99,6 +100,7 @@ class Engine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = SlotKVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_len, head_dim, param.dtype, param.device)
         self.max_len = max_len
+        self.cache_arg = cache_arg_name(model.model.layers[0])  # 'cache' from transformers 5.25
         self.ctx = LoraContext()
         self.pool = None
         self._wrapped: list[str] = []
@@ -292,7 +294,7 @@ class Engine:
         cache = self.kv.step([r.kv_slot for r in reqs], start, n_new)
         mask = attention_mask(start, n_new, t, cache.kv_len, h.dtype)
         for layer in inner.layers[: self.model.config.num_hidden_layers]:
-            h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=positions, past_key_values=cache)
+            h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=positions, **{self.cache_arg: cache})
         for r, c in zip(reqs, chunks):
             r.cached += len(c)
         rows = [i for i, w in enumerate(want) if w]
