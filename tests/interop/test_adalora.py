@@ -111,14 +111,14 @@ def test_loaded_adalora_saves_as_peft_lora(ids, tmp_path):
 
 def test_adalora_serves_from_the_adapter_pool(ids, tmp_path):
     from deltatune.core.inject import iter_wrappers
-    from deltatune.serve.adapter_pool import read_lora_adapter
+    from deltatune.serve.adapter_pool import read_adapter
 
     trained_llama_adalora(ids, tmp_path / "ada")
     model = deltatune.load_delta(tiny_llama(), tmp_path / "ada")
 
     branches = {m: w.deltas["default"] for m, w in iter_wrappers(model.base_model) if "default" in w.deltas}
-    modules = {m: (b.lora_A.weight.shape[1], b.lora_B.weight.shape[0]) for m, b in branches.items()}
-    prepared = read_lora_adapter(tmp_path / "ada", modules, max_rank=6)
+    weights = {m: w.base_layer.weight for m, w in iter_wrappers(model.base_model) if m in branches}
+    prepared = read_adapter(tmp_path / "ada", weights, max_rank=6)
     assert set(prepared) == set(branches)
     for m, (a, b_scaled) in prepared.items():
         assert torch.allclose(b_scaled @ a, branches[m].delta_weight(None), atol=1e-6), m

@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from deltatune.algebra.stream import MemoryTensors, TensorFile, checkpoint_files, read_header
 from deltatune.core.full_copy import FULL_COPY_KEY
 from deltatune.core.registry import get_method
+from deltatune.core.stub import stub_module
 from deltatune.core.state import (
     CONFIG_FILE,
     DELTATUNE_FILE,
@@ -94,26 +94,6 @@ class FullInput:
 
     def close(self) -> None:
         self.tensors.close()
-
-
-class _StubNorm(nn.Module):
-    """Stands in for a norm layer (a 1-D weight, "Norm" in the class name) when building a branch."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-
-def stub_module(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A module holding ``weight``/``bias`` of the type a branch expects (Linear for 2-D weights)."""
-    if weight.dim() == 2:
-        m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-        m.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            m.bias = nn.Parameter(bias, requires_grad=False)
-        return m
-    return _StubNorm(weight, bias)
 
 
 class AdapterInput:

@@ -1,6 +1,8 @@
 """``deltatune serve``: an OpenAI-compatible server for a base model and a directory of LoRA adapters."""
 from __future__ import annotations
 
+import ipaddress
+import logging
 from pathlib import Path
 
 from deltatune.utils.errors import ConfigError
@@ -20,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="how resident adapters are stored (auto: the model's dtype; bfloat16 halves what a decode step reads)")
     p.add_argument("--prefill-budget", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a KV slot; more are answered 429")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; larger ones are answered 413")
     p.set_defaults(run=run)
 
 
@@ -35,6 +39,15 @@ def read_api_key(path: str | None) -> str | None:
     return key
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def run(args) -> int:
     try:
         import uvicorn
@@ -44,10 +57,15 @@ def run(args) -> int:
     from deltatune.serve.engine import Engine
 
     key = read_api_key(args.api_key_file)
+    if args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be >= 1 (got {args.max_body_bytes})")
+    if key is None and not is_loopback(args.host):
+        logging.getLogger("deltatune.serve").warning(
+            "serving on %s without --api-key-file: anyone who can reach this address can use the server", args.host)
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters!r} is not a directory")
     engine = Engine(args.model, args.adapters, max_batch=args.max_batch, max_len=args.max_len, lora_slots=args.lora_slots,
                     max_lora_rank=args.max_lora_rank, prefill_budget=args.prefill_budget, name=args.model,
-                    lora_dtype=args.lora_dtype)
-    uvicorn.run(create_app(engine, key), host=args.host, port=args.port, log_level="warning")
+                    lora_dtype=args.lora_dtype, max_queue=args.max_queue)
+    uvicorn.run(create_app(engine, key, max_body_bytes=args.max_body_bytes), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from deltatune.core.config import DeltaConfig
+from deltatune.utils.errors import CapabilityError
 
 
 @dataclass(frozen=True)
 class Capabilities:
     mergeable: bool = False         # merge()/unmerge() fold the delta into base weights exactly
     linear_delta: bool = False      # delta_weight() gives ΔW with W' = W + ΔW
-    batched_serving: bool = False   # the serving engine can batch it across requests
+    batched_serving: bool = False   # the serving pool batches it across requests (its branches give low_rank_factors())
     unchanged_at_init: bool = True  # the model's outputs are identical right after attach
 
 
@@ -65,6 +66,16 @@ class DeltaBranch(nn.Module):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """ΔW such that the merged weight is ``base.weight + ΔW`` (linear deltas only)."""
         raise NotImplementedError(f"{type(self).__name__} is not a linear delta")
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact factors ``(A [r, in], B_s [out, r])`` with ``B_s @ A == delta_weight(base)``.
+
+        Tools that keep a delta low-rank (the serving pool, LoRA-aware merges) ask for these instead
+        of reading a file's tensors, so a parametrisation they do not know (PiSSA's frozen offset, a
+        rank mask) is still served exactly. A branch that has no such factors raises
+        :class:`CapabilityError`, which the tool reports as a refusal.
+        """
+        raise CapabilityError(f"{type(self).__name__} has no exact low-rank factors")
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:

@@ -117,6 +117,10 @@ class LoraBranch(DeltaBranch):
         """ΔW = s · B @ A, shape [out, in]."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], s·B [out, r])."""
+        return self.lora_A.weight.detach(), self.lora_B.weight.detach() * self.scaling
+
 
 @register
 class LoraMethod(DeltaMethod):

@@ -70,6 +70,11 @@ class PissaLoraBranch(LoraBranch):
         a, b = self.lora_A.weight, self.lora_B.weight
         return ((b - self.pissa_B0) @ a + self.pissa_B0 @ (a - self.pissa_A0)) * self.scaling
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """s·(B A − B₀ A₀) = [s·B, −s·B₀] [A; A₀]: rank 2r, A [2r, in], B_s [out, 2r]."""
+        a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        return torch.cat([a, self.pissa_A0]), torch.cat([b, -self.pissa_B0], dim=1) * self.scaling
+
 
 @torch.no_grad()
 def pissa_to_lora(model, name: str = "default", new_name: str = "lora") -> str:

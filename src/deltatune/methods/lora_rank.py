@@ -68,6 +68,10 @@ class IncrementalLoraBranch(LoraBranch):
         """ΔW = s · B diag(m) A, shape [out, in]."""
         return (self.lora_B.weight * self.lora_rank_mask) @ self.lora_A.weight * self.scaling
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], s·B diag(m) [out, r]): masked directions contribute zero columns."""
+        return self.lora_A.weight.detach(), self.lora_B.weight.detach() * self.lora_rank_mask * self.scaling
+
     @torch.no_grad()
     def update_importance(self, beta: float) -> None:
         a, b = self.lora_A.weight, self.lora_B.weight

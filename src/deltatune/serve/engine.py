@@ -27,6 +27,7 @@ from torch import nn
 from deltatune.core.inject import install_branch, iter_logical_modules, iter_wrappers, remove_branch
 from deltatune.serve.adapter_pool import AdapterPool
 from deltatune.serve.cpu_kernel import bgmv_kernel
+from deltatune.serve.detokenize import IncrementalDecoder
 from deltatune.serve.kv_cache import SlotKVCache, attention_mask
 from deltatune.serve.lora_branch import LoraContext, ServedLoraBranch
 from deltatune.serve.sampling import SamplingParams, choose_tokens, held_back, make_generator, stop_hit
@@ -57,6 +58,14 @@ class RequestError(DeltatuneError, ValueError):
     """A request the engine cannot run as given (too long, empty prompt, bad token ids)."""
 
 
+class EngineError(DeltatuneError):
+    """A step failed for a reason of the server's own (a bug, out of memory): the detail is logged."""
+
+
+class QueueFullError(DeltatuneError):
+    """The engine's request queue is at its bound; the client should retry later."""
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -77,7 +86,7 @@ class Engine:
 
     def __init__(self, model, adapters_dir: str | Path | None = None, tokenizer=None, *, max_batch: int = 32, max_len: int = 1024,
                  lora_slots: int = 8, max_lora_rank: int = 16, prefill_budget: int = 256, name: str | None = None,
-                 lora_dtype: str | torch.dtype | None = None):
+                 lora_dtype: str | torch.dtype | None = None, max_queue: int = 1024):
         if isinstance(model, (str, os.PathLike)):
             from deltatune.models.load import load_model, load_tokenizer
 
@@ -91,15 +100,17 @@ class Engine:
             raise ConfigError("Engine needs the model's tokenizer (pass tokenizer=...)")
         if next(iter_wrappers(model), None) is not None:
             raise ConfigError("the model already has deltas attached; serve the plain base model and put adapters in the adapters directory (or merge first)")
-        if min(max_batch, max_len, prefill_budget) < 1:
-            raise ConfigError(f"max_batch, max_len and prefill_budget must be >= 1 (got {max_batch}, {max_len}, {prefill_budget})")
+        if min(max_batch, max_len, prefill_budget, max_queue) < 1:
+            raise ConfigError(f"max_batch, max_len, prefill_budget and max_queue must be >= 1 (got {max_batch}, {max_len}, {prefill_budget}, {max_queue})")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.name = name or getattr(model.config, "_name_or_path", None) or "base"
         cfg = model.config
         param = next(model.parameters())
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = SlotKVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_len, head_dim, param.dtype, param.device)
-        self.max_len = max_len
+        self.max_len, self.max_queue = max_len, max_queue
+        # A token covers at most this many characters, so a longer text is refused before tokenizing.
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) + 1
         self.cache_arg = cache_arg_name(model.model.layers[0])  # 'cache' from transformers 5.25
         self.ctx = LoraContext()
         self.pool = None
@@ -107,8 +118,8 @@ class Engine:
         if adapters_dir is not None:
             if not Path(adapters_dir).is_dir():
                 raise ConfigError(f"adapters directory {str(adapters_dir)!r} does not exist")
-            modules = {n: (m.in_features, m.out_features) for n, m in iter_logical_modules(model.model) if isinstance(m, nn.Linear)}
-            self.pool = AdapterPool(adapters_dir, {f"model.{n}": s for n, s in modules.items()}, lora_slots, max_lora_rank,
+            weights = {f"model.{n}": m.weight for n, m in iter_logical_modules(model.model) if isinstance(m, nn.Linear)}
+            self.pool = AdapterPool(adapters_dir, weights, lora_slots, max_lora_rank,
                                     resolve_lora_dtype(lora_dtype, param.dtype), param.device)
             if param.device.type == "cpu" and param.dtype == torch.float32:  # the only case the kernel serves
                 bgmv_kernel()  # built now (once per machine), not inside the first request's decode step
@@ -126,7 +137,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = {"requests": 0, "finished": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)
         self.started = time.time()
 
@@ -140,16 +151,23 @@ class Engine:
             if any(not 0 <= t < vocab for t in ids):
                 raise RequestError(f"prompt token ids must be in [0, {vocab})")
         elif chat or isinstance(prompt, list):
+            self._check_text_length(sum(len(m["content"]) for m in prompt) if isinstance(prompt, list) else len(prompt))
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError("this model's tokenizer has no chat template; use /v1/completions with a plain prompt")
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
+            self._check_text_length(len(prompt))
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if not ids:
             raise RequestError("the prompt is empty (no tokens)")
         return ids
+
+    def _check_text_length(self, chars: int) -> None:
+        """Refuse, before tokenizing it, a text that must have more than ``max_len`` tokens."""
+        if chars > self.max_len * self.max_token_chars:
+            raise RequestError(f"the prompt has {chars} characters, more than this engine's {self.max_len} tokens per request can hold")
 
     def submit(self, prompt, adapter: str | None = None, sampling: SamplingParams | None = None, on_event=None, chat: bool = False) -> Request:
         """Queue one request (thread-safe); bad input raises here, before anything is queued."""
@@ -165,7 +183,10 @@ class Engine:
             self.pool.path_of(adapter)
         req = Request(ids, sampling, adapter, on_event)
         req.generator = make_generator(sampling.seed)
+        req.decoder = IncrementalDecoder(self.tokenizer)
         with self._wake:
+            if self.queued() >= self.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
             self._incoming.append(req)
             self.stats["requests"] += 1
             self._wake.notify()
@@ -189,6 +210,10 @@ class Engine:
             if r.error is not None:
                 raise r.error
         return [self.result(r) for r in reqs]
+
+    def queued(self) -> int:
+        """Requests submitted and not yet admitted to a KV slot."""
+        return len(self.scheduler.waiting) + len(self._incoming)
 
     def result(self, r: Request) -> Completion:
         return Completion(r.text, list(r.output_ids), r.finish_reason, len(r.prompt_ids), r.adapter)
@@ -312,21 +337,22 @@ class Engine:
         for r, tok in zip(reqs, tokens):
             s = r.sampling
             if tok in self.eos_ids and not s.ignore_eos:
+                r.text += r.decoder.flush(r.output_ids)
                 r.finish_reason = "stop"
             else:
                 r.output_ids.append(tok)
-                r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-                cut = stop_hit(r.text, s.stop) if s.stop else None
+                searched = len(r.text)
+                r.text += r.decoder.step(r.output_ids)
+                if len(r.output_ids) >= s.max_tokens:
+                    r.text += r.decoder.flush(r.output_ids)  # an incomplete last character shows as the full decode has it
+                cut = stop_hit(r.text, s.stop, searched) if s.stop else None
                 if cut is not None:
                     r.text, r.finish_reason = r.text[:cut], "stop"
                 elif len(r.output_ids) >= s.max_tokens:
                     r.finish_reason = "length"
             if r.finish_reason is None:
-                # Hold back a possible stop-string start and an incomplete multi-byte character.
-                ready = len(r.text) - (held_back(r.text, s.stop) if s.stop else 0)
-                while ready > r.streamed and r.text[ready - 1] == "\ufffd":
-                    ready -= 1
-                self._emit(r, ready)
+                # Hold back a possible stop-string start (the decoder holds back incomplete characters).
+                self._emit(r, len(r.text) - (held_back(r.text, s.stop) if s.stop else 0))
 
     def _emit(self, r: Request, upto: int) -> None:
         if upto > r.streamed and r.on_event is not None:
@@ -342,7 +368,7 @@ class Engine:
         r.lora_slot = -1
         if r.error is None:
             self._emit(r, len(r.text))
-            self.stats["finished"] += 1
+            self.stats["cancelled" if r.finish_reason == "cancelled" else "finished"] += 1
             self.stats["prompt_tokens"] += len(r.prompt_ids)
         else:
             self.stats["errors"] += 1
@@ -361,11 +387,11 @@ class Engine:
         while not self._stop:
             try:
                 worked = self.step()
-            except Exception as err:  # a bug must fail the requests in flight, not hang their clients
+            except Exception:  # a bug must fail the requests in flight, not hang their clients
                 log.exception("engine step failed")
                 with self._lock:
                     for r in self.scheduler.running:
-                        r.error, r.finish_reason = DeltatuneError(f"engine error: {err}"), "error"
+                        r.error, r.finish_reason = EngineError("engine step failed"), "error"
                         self._finish(r)
                     self.scheduler.running = []
                 worked = False
@@ -391,7 +417,7 @@ class Engine:
         window = [n for ts, n in self._recent if now - ts <= 10.0]
         return {
             **self.stats,
-            "queue_length": len(self.scheduler.waiting) + len(self._incoming),
+            "queue_length": self.queued(),
             "running": len(self.scheduler.running),
             "kv_slots_free": self.kv.free_slots,
             "resident_adapters": len(self.pool.resident) if self.pool else 0,

@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +40,7 @@ class Request:
     cancelled: bool = False                           # set from any thread; the engine drops the request at its next step
     error: BaseException | None = None
     generator: torch.Generator | None = None
+    decoder: Any = None                               # the engine's IncrementalDecoder for output_ids
     done: threading.Event = field(default_factory=threading.Event)
 
     @property

@@ -38,6 +38,10 @@ class DataError(DeltatuneError, ValueError):
     """A data file or record is malformed."""
 
 
+class CapabilityError(DeltatuneError, ValueError):
+    """A tool asked a delta for something its method cannot offer (exact low-rank factors, say)."""
+
+
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The few choices most similar to ``word`` (difflib ratio), best first."""
     choices = list(dict.fromkeys(choices))

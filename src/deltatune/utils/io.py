@@ -77,6 +77,8 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
 
 def safe_child(root: str | os.PathLike, name: str) -> Path:
     """``root/name`` if it stays inside ``root``; otherwise a DeltatuneError (no ``..``, no absolute names)."""
+    if any(ord(c) < 32 or c == "\x7f" for c in name):  # a NUL would make the OS call itself fail
+        raise DeltatuneError(f"name {name!r} contains a control character")
     root_resolved = Path(root).resolve()
     candidate = (root_resolved / name).resolve()
     if name in ("", ".") or not candidate.is_relative_to(root_resolved) or candidate == root_resolved:
