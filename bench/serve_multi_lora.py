@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import deltatune  # noqa: E402
+from machine import machine_info  # noqa: E402  (bench/machine.py: python puts the script's folder on sys.path)
 from deltatune.serve import Engine, SamplingParams  # noqa: E402
 
 TEXT = ("The history of science is the study of the development of science and scientific knowledge, including both the natural "
@@ -213,6 +214,8 @@ def ratios(tps: dict[str, float], n: int) -> dict[str, float]:
         if f"peft_N{n}" in tps:
             out[f"{key}_N{n} / peft_N{n}"] = round(tps[f"{key}_N{n}"] / tps[f"peft_N{n}"], 3)
         out[f"{key}_N{n} / {key}_N0"] = round(tps[f"{key}_N{n}"] / tps[f"{key}_N0"], 3)
+        if key != "engine" and "engine_N0" in tps:  # like with like: against the default (model-dtype) engine's N=0 too
+            out[f"{key}_N{n} / engine_N0"] = round(tps[f"{key}_N{n}"] / tps["engine_N0"], 3)
         out[f"{key}_N0 / hf_base"] = round(tps[f"{key}_N0"] / tps["hf_base"], 3)
     return out
 
@@ -257,7 +260,7 @@ def run(args, ns: list[int], root: Path) -> int:
     tokenizer = deltatune.load_tokenizer(args.model)
     prompts = make_prompts(tokenizer, args.batch)
     tokens = args.batch * args.new
-    results: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "torch_threads": torch.get_num_threads(), "tokens_per_s": {}}
+    results: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine_info(), "torch_threads": torch.get_num_threads(), "tokens_per_s": {}}
     tps = results["tokens_per_s"]
 
     def load():

@@ -34,7 +34,7 @@ import torch
 from deltatune.core.registry import get_method, list_methods
 from deltatune.core.state import CONFIG_FILE, DELTATUNE_FILE, WEIGHTS_FILE, read_delta_config, read_delta_tensors, split_key
 from deltatune.core.stub import stub_module
-from deltatune.utils.errors import CapabilityError, DeltaFileError, DeltatuneError, ShapeMismatchError
+from deltatune.utils.errors import CapabilityError, ConfigError, DeltaFileError, DeltatuneError, ShapeMismatchError
 from deltatune.utils.io import safe_child
 
 log = logging.getLogger("deltatune.serve")
@@ -45,6 +45,20 @@ class AdapterNotFoundError(DeltatuneError, LookupError):
 
 
 Prepared = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module → (A [r, in], B·scale [out, r])
+
+
+LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_lora_dtype(value: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The adapter pool's dtype: ``None``/``"auto"`` → the model's; a name from LORA_DTYPES or a torch dtype."""
+    if value is None or value == "auto":
+        return model_dtype
+    if isinstance(value, torch.dtype) and value in LORA_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in LORA_DTYPES:
+        return LORA_DTYPES[value]
+    raise ConfigError(f"lora_dtype {value!r}: expected 'auto' or one of {', '.join(LORA_DTYPES)}")
 
 
 def served_methods() -> list[str]:

@@ -22,7 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from deltatune.serve.adapter_pool import AdapterNotFoundError
-from deltatune.serve.engine import Engine, EngineError, QueueFullError
+from deltatune.serve.engine import Engine
+from deltatune.serve.errors import EngineError, QueueFullError
 from deltatune.serve.protocol import ChatRequest, CompletionRequest
 from deltatune.serve.sampling import SamplingParams
 from deltatune.utils.errors import DeltatuneError

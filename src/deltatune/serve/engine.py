@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from deltatune.core.inject import install_branch, iter_logical_modules, iter_wrappers, remove_branch
-from deltatune.serve.adapter_pool import AdapterPool
+from deltatune.serve.adapter_pool import AdapterNotFoundError, AdapterPool, resolve_lora_dtype
 from deltatune.serve.cpu_kernel import bgmv_kernel
 from deltatune.serve.detokenize import IncrementalDecoder
+from deltatune.serve.errors import EngineError, QueueFullError, RequestError
 from deltatune.serve.kv_cache import SlotKVCache, attention_mask
 from deltatune.serve.lora_branch import LoraContext, ServedLoraBranch
 from deltatune.serve.sampling import SamplingParams, choose_tokens, held_back, make_generator, stop_hit
@@ -38,32 +39,6 @@ from deltatune.utils.hf_cache import cache_arg_name
 log = logging.getLogger(__name__)
 SERVE_BRANCH = "_serve_lora"
 SUPPORTED = ("llama",)
-
-
-LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_lora_dtype(value: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
-    """The adapter pool's dtype: ``None``/``"auto"`` → the model's; a name from LORA_DTYPES or a torch dtype."""
-    if value is None or value == "auto":
-        return model_dtype
-    if isinstance(value, torch.dtype) and value in LORA_DTYPES.values():
-        return value
-    if isinstance(value, str) and value in LORA_DTYPES:
-        return LORA_DTYPES[value]
-    raise ConfigError(f"lora_dtype {value!r}: expected 'auto' or one of {', '.join(LORA_DTYPES)}")
-
-
-class RequestError(DeltatuneError, ValueError):
-    """A request the engine cannot run as given (too long, empty prompt, bad token ids)."""
-
-
-class EngineError(DeltatuneError):
-    """A step failed for a reason of the server's own (a bug, out of memory): the detail is logged."""
-
-
-class QueueFullError(DeltatuneError):
-    """The engine's request queue is at its bound; the client should retry later."""
 
 
 @dataclass(frozen=True)
@@ -177,8 +152,6 @@ class Engine:
             raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds this engine's {self.max_len} tokens per request")
         if adapter is not None:
             if self.pool is None:
-                from deltatune.serve.adapter_pool import AdapterNotFoundError
-
                 raise AdapterNotFoundError(f"adapter {adapter!r}: the engine was started without an adapters directory")
             self.pool.path_of(adapter)
         req = Request(ids, sampling, adapter, on_event)
