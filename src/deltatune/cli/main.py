@@ -8,7 +8,7 @@ import sys
 
 from deltatune.utils.errors import DeltatuneError
 
-SUBCOMMANDS = ("generate", "inspect", "train", "eval", "export", "merge", "compress", "serve", "select", "label", "graft")
+SUBCOMMANDS = ("generate", "inspect", "train", "eval", "export", "merge", "compress", "serve", "select", "label", "graft", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
