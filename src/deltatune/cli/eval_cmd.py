@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--adapter", help="a delta directory (deltatune or PEFT format)")
     p.add_argument("--run", dest="run_dir", help="a run directory of 'deltatune train': its adapter is evaluated (unless --adapter), its cost "
                                  "ledger joins the record, and the record goes to <run>/eval.json (unless --out)")
-    p.add_argument("--data", required=True, help="JSONL / JSON / CSV / TSV / Parquet file")
+    p.add_argument("--data", help="JSONL / JSON / CSV / TSV / Parquet file (optional with --lm-eval-task)")
     p.add_argument("--task", choices=["causal-lm", "sequence-classification"], default="causal-lm")
     p.add_argument("--num-labels", type=int, default=None)
     p.add_argument("--metric", choices=["auto", "loss", "accuracy", "exact_match"], default="auto",
@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--general-tokens", type=int, default=16384, help="tokens of --general-text to score")
     p.add_argument("--calibration-plot", help="write the reliability diagram (PNG) here")
     p.add_argument("--diagnostics", action="store_true", help="weight-space diagnostics of the delta (spectrum, effective rank, intruder dimensions)")
+    p.add_argument("--lm-eval-task", action="append", help="also run this lm-evaluation-harness task (repeatable; needs lm-eval and the task's data)")
+    p.add_argument("--lm-eval-include", help="a directory of lm-eval task YAMLs (local tasks)")
+    p.add_argument("--lm-eval-limit", type=float, help="examples per lm-eval task (a fraction if < 1)")
     p.add_argument("--out", help="write the whole record as JSON here")
     p.add_argument("--json", action="store_true", help="print the record as one JSON object")
     p.set_defaults(run=run)
@@ -42,7 +45,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from deltatune.train.config import load_recipe
-    from deltatune.train.loop import evaluate, format_metrics
+    from deltatune.train.loop import evaluate
     from deltatune.train.objective import CausalLMObjective, ClassificationObjective
     from deltatune.train.setup import build_model, prepare_data
 
@@ -57,6 +60,11 @@ def run(args) -> int:
         out = out or str(run_dir / "eval.json")
     if args.diagnostics and not adapter:
         raise ConfigError("--diagnostics needs a delta: pass --adapter or --run")
+    if args.data is None:
+        if not args.lm_eval_task:
+            raise ConfigError("deltatune eval needs --data (a data file) or --lm-eval-task (an lm-evaluation-harness task)")
+        record = {"model": args.model, "adapter": adapter, "lm_eval": lm_eval_results(args, adapter)}
+        return report(args, record, {}, out)
     recipe = load_recipe(None, default={
         "model": {"name": args.model, "task": args.task, "num_labels": args.num_labels},
         "delta": None,
@@ -89,22 +97,42 @@ def run(args) -> int:
         record["diagnostics"] = diagnose(delta_pairs(model))
     if args.run_dir:
         record["cost"] = read_ledger(args.run_dir)
+    if args.lm_eval_task:
+        record["lm_eval"] = lm_eval_results(args, adapter)
+    return report(args, record, task, out)
+
+
+def lm_eval_results(args, adapter: str | None) -> dict:
+    from deltatune.evaluation.harness import run_tasks  # lm-eval is optional: imported only when asked for
+
+    limit = None if args.lm_eval_limit is None else (int(args.lm_eval_limit) if args.lm_eval_limit >= 1 else args.lm_eval_limit)
+    return run_tasks(args.model, [adapter] if adapter else None, args.lm_eval_task, include_path=args.lm_eval_include, limit=limit,
+                     batch_size=args.batch_size)
+
+
+def report(args, record: dict, task: dict, out: str | None) -> int:
+    """Write and print the record: JSON with --json, else one line per section."""
+    from deltatune.train.loop import format_metrics
+
     if out:
         write_json_atomic(out, record)
     if args.json:
         print(json.dumps(record))
     else:
-        print(f"{args.data}: " + format_metrics(task))
+        if task:
+            print(f"{args.data}: " + format_metrics(task))
         if "base_task" in record:
             print(f"base:  {format_metrics(record['base_task'])}")
         if record.get("retention"):
             r = record["retention"]
             print(f"retention on {r['file']}: loss {r['loss']:.4f} vs base {r['base_loss']:.4f} (forgetting {r['forgetting']:+.4f})")
-        if record["calibration"] is not None:
+        if record.get("calibration") is not None:
             print(f"calibration: ECE {record['calibration']['ece']:.4f} over {record['calibration']['n']} predictions")
         if args.diagnostics:
             s = record["diagnostics"]["summary"]
             print(f"delta: {s['modules']} modules, {s['intruders']} intruder dimensions, mean effective rank {s['mean_effective_rank']:.2f}")
+        for name, scores in (record.get("lm_eval") or {}).items():
+            print(f"lm-eval {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, (int, float))))
         if out:
             print(f"record: {out}")
     return 0
