@@ -41,6 +41,13 @@ def runs(tmp_path_factory):
     (root / "eval.jsonl").write_text('{"prompt": "one two", "response": "three"}\n{"prompt": "what is", "response": "two"}\n'
                                      '{"prompt": "the cat", "response": "sat"}\n')
     (root / "general.txt").write_text("the cat sat on the mat . one two three four five six seven .\n" * 20)
+    words = ["one two", "the cat", "what is", "four five", "six seven", "the mat", "two three", "cat sat", "five six", "is it"]
+    (root / "probe.jsonl").write_text("".join(json.dumps({"sentence": w, "y": i % 2}) + "\n" for i, w in enumerate(words)))
+    (root / "facts.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in
+                                              [("one two", " three"), ("the cat", " sat"), ("what is", " two"), ("four five", " six")]))
+    (root / "probes.yaml").write_text("in_context:\n  - name: toy\n    test: probe.jsonl\n    train: probe.jsonl\n    text: sentence\n"
+                                      "    label: y\n    verbalizers: [' one', ' two']\n    template: '{text} is'\n    shots: 2\n"
+                                      "knowledge: facts.jsonl\n")
     return root, lm
 
 
@@ -52,7 +59,7 @@ def evaluate_run(root, lm, name, *extra):
 def test_eval_record_reads_every_number_against_the_base(runs):
     root, lm = runs
     plot = root / "runs" / "lora2" / "reliability.png"
-    evaluate_run(root, lm, "lora2", "--calibration-plot", str(plot))
+    evaluate_run(root, lm, "lora2", "--calibration-plot", str(plot), "--probes", str(root / "probes.yaml"))
     record = json.loads((root / "runs" / "lora2" / "eval.json").read_text())
     plain = json.loads(cli("eval", "--model", str(lm), "--data", str(root / "eval.jsonl"), "--template", "plain", "--metric", "exact_match",
                            "--max-new-tokens", "2", "--json").strip().splitlines()[-1])
@@ -64,6 +71,22 @@ def test_eval_record_reads_every_number_against_the_base(runs):
     diagnostics = record["diagnostics"]
     assert len(diagnostics["modules"]) == 14 and all(row["effective_rank"] <= 2 + 1e-6 for row in diagnostics["modules"].values())
     assert record["cost"]["trainable_params"] == 2000 and record["cost"]["tokens_per_second"] == pytest.approx(2000 / 3.0)
+
+    from deltatune.evaluation.probe_spec import build_probe, load_probe_spec
+    from deltatune.evaluation.probes import cloze_precision_at_1, few_shot_accuracy, known_facts
+
+    spec, spec_root = load_probe_spec(root / "probes.yaml")
+    probe = build_probe(spec.in_context[0], spec_root)
+    tok = deltatune.load_tokenizer(lm)
+    base = deltatune.load_model(lm, task="causal-lm")
+    tuned = deltatune.load_delta(deltatune.load_model(lm, task="causal-lm"), root / "runs" / "lora2" / "adapter")
+    icl = record["probes"]["in_context"]["toy"]
+    assert icl["accuracy"] == few_shot_accuracy(tuned, tok, probe)["accuracy"] and icl["base_accuracy"] == few_shot_accuracy(base, tok, probe)["accuracy"]
+    facts = [json.loads(line) for line in (root / "facts.jsonl").read_text().splitlines()]
+    known = known_facts(base, tok, facts)
+    knowledge = record["probes"]["knowledge"]
+    assert knowledge["known_by_base"] == len(known)
+    assert knowledge["precision_at_1"] == (cloze_precision_at_1(tuned, tok, known)["precision_at_1"] if known else None)
 
 
 def test_compare_writes_table_plots_and_a_report_that_renders_in_a_browser(runs):

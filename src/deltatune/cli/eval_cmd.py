@@ -10,6 +10,7 @@ import torch
 from deltatune.evaluation.calibration import answer_token_confidences, classifier_confidences, expected_calibration_error, reliability_diagram
 from deltatune.evaluation.diagnostics import delta_pairs, diagnose
 from deltatune.evaluation.ledger import read_ledger
+from deltatune.evaluation.probe_spec import run_probes
 from deltatune.evaluation.retention import general_text_retention
 from deltatune.utils.errors import ConfigError
 from deltatune.utils.io import write_json_atomic
@@ -33,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--general-text", help="a plain-text file the run did not train on: retention = its loss minus the base's")
     p.add_argument("--general-tokens", type=int, default=16384, help="tokens of --general-text to score")
+    p.add_argument("--probes", help="a YAML file of retention probes (few-shot tasks the run did not train on, cloze facts); "
+                                    "see deltatune.evaluation.probe_spec")
     p.add_argument("--calibration-plot", help="write the reliability diagram (PNG) here")
     p.add_argument("--diagnostics", action="store_true", help="weight-space diagnostics of the delta (spectrum, effective rank, intruder dimensions)")
     p.add_argument("--lm-eval-task", action="append", help="also run this lm-evaluation-harness task (repeatable; needs lm-eval and the task's data)")
@@ -95,6 +98,10 @@ def run(args) -> int:
         reliability_diagram(record["calibration"], args.calibration_plot, f"{args.model}{' + ' + Path(adapter).name if adapter else ''}")
     if args.diagnostics:
         record["diagnostics"] = diagnose(delta_pairs(model))
+    if args.probes:
+        if not adapter:
+            raise ConfigError("--probes compares a delta with its base: pass --adapter or --run")
+        record["probes"] = run_probes(model, tokenizer, args.probes)
     if args.run_dir:
         record["cost"] = read_ledger(args.run_dir)
     if args.lm_eval_task:
@@ -131,6 +138,12 @@ def report(args, record: dict, task: dict, out: str | None) -> int:
         if args.diagnostics:
             s = record["diagnostics"]["summary"]
             print(f"delta: {s['modules']} modules, {s['intruders']} intruder dimensions, mean effective rank {s['mean_effective_rank']:.2f}")
+        for name, p in ((record.get("probes") or {}).get("in_context") or {}).items():
+            print(f"in-context probe {name}: {100 * p['accuracy']:.1f}% vs base {100 * p['base_accuracy']:.1f}% ({p['shots']}-shot, n={p['n']})")
+        knowledge = (record.get("probes") or {}).get("knowledge")
+        if knowledge:
+            kept = "–" if knowledge["precision_at_1"] is None else f"{100 * knowledge['precision_at_1']:.1f}%"
+            print(f"knowledge probe: {kept} of the {knowledge['known_by_base']} facts the base knows are still known")
         for name, scores in (record.get("lm_eval") or {}).items():
             print(f"lm-eval {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, (int, float))))
         if out:

@@ -63,6 +63,8 @@ def load_run(run_dir: str | Path) -> dict:
         raise DataError(f"{run_dir}: neither eval.json (deltatune eval --out) nor summary.json (deltatune train) is there")
     found = primary(tuned)
     row: dict = {"name": run_dir.name, "metric": None, "base": None, "tuned": None, "gain": None}
+    # forgetting: general-text loss − base's; icl_forgetting: base's few-shot accuracy − tuned's (mean over probes);
+    # facts_kept: precision@1 on the cloze facts the base knows.
     if found:
         key, higher = found
         row.update(metric=key, tuned=tuned[key], base=base.get(key))
@@ -72,6 +74,10 @@ def load_run(run_dir: str | Path) -> dict:
     row["forgetting"] = (measured.get("retention") or {}).get("forgetting")
     row["ece"] = (measured.get("calibration") or {}).get("ece")
     row["intruders"] = ((measured.get("diagnostics") or {}).get("summary") or {}).get("intruders")
+    probes = measured.get("probes") or {}
+    icl = [p["forgetting"] for p in (probes.get("in_context") or {}).values()]
+    row["icl_forgetting"] = sum(icl) / len(icl) if icl else None
+    row["facts_kept"] = (probes.get("knowledge") or {}).get("precision_at_1")
     row["cost"] = read_ledger(run_dir) or {}
     log = run_dir / "metrics.jsonl"
     row["curve"] = []
@@ -106,6 +112,8 @@ COLUMNS = [  # header, how to get it from a row, format
     ("tuned", lambda r: r["tuned"], "num"),
     ("gain", lambda r: r["gain"], "signed"),
     ("forgetting (Δ text loss)", lambda r: r["forgetting"], "signed"),
+    ("in-context forgetting", lambda r: r["icl_forgetting"], "signed"),
+    ("facts kept", lambda r: r["facts_kept"], "pct"),
     ("ECE", lambda r: r["ece"], "num"),
     ("intruders", lambda r: r["intruders"], "count"),
     ("trainable params", lambda r: r["cost"].get("trainable_params"), "count"),
