@@ -24,7 +24,7 @@ from torch import nn
 
 from deltatune.core.config import DeltaConfig
 from deltatune.core.method import Capabilities, DeltaBranch, DeltaMethod
-from deltatune.core.registry import get_method, list_methods, parse_delta_config, register
+from deltatune.core.registry import get_method, parse_delta_config, register
 from deltatune.utils.errors import ConfigError
 
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
@@ -114,7 +114,9 @@ class CompeftBranch(DeltaBranch):
         # Not a registered submodule: the inner branch's dense parameters are not saved or trained.
         self.__dict__["inner"] = inner
         self.transforms_input = inner.transforms_input
-        self.shapes = {k: tuple(v.shape) for k, v in inner.state_dict().items()}
+        self.wraps_call = inner.wraps_call
+        # The tensors a file of the inner method holds (saved_state: a bundle's member keys, folded forms).
+        self.shapes = {k: tuple(v.shape) for k, v in inner.saved_state().items()}
         self.packed = nn.ModuleDict({
             _slot(k): PackedTensor(math.prod(s), config.counts.get(f"{module_name}.{k}", math.prod(s)), config.ternary) for k, s in self.shapes.items()
         })
@@ -123,13 +125,18 @@ class CompeftBranch(DeltaBranch):
     def _sync(self) -> DeltaBranch:
         version = tuple(t._version for t in [*self.packed.buffers(), *self.packed.parameters()])
         if version != self._unpacked_version:
-            state = {k: decompress_tensor(dict(self.packed[_slot(k)].state_dict()), s) for k, s in self.shapes.items()}
-            self.inner.load_state_dict(state)
+            targets = self.inner.saved_state()  # aliases of the inner branch's tensors, as the core loads files
+            with torch.no_grad():
+                for k, s in self.shapes.items():
+                    targets[k].copy_(decompress_tensor(dict(self.packed[_slot(k)].state_dict()), s))
             self._unpacked_version = version
         return self.inner
 
     def transform_input(self, x):
         return self._sync().transform_input(x)
+
+    def around_call(self, call, *args, **kwargs):
+        return self._sync().around_call(call, *args, **kwargs)
 
     def forward(self, x, base_out):
         return self._sync()(x, base_out)
@@ -150,10 +157,17 @@ class CompeftMethod(DeltaMethod):
     config_class = CompeftConfig
     capabilities = Capabilities(mergeable=True, linear_delta=False, unchanged_at_init=True)  # with a LoRA inner (the default)
 
-    @property
-    def branch_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        # Every packed key any registered method's parameters can produce ("packed.lora_A__weight.keep" …).
-        return tuple(f"packed.{_slot(bk)}.{part}" for m in list_methods() if m != self.name for bk in get_method(m).branch_keys
+    def __init__(self):
+        self._inner: tuple[CompeftConfig, DeltaConfig] | None = None
+
+    def resolve_config(self, model: nn.Module, config: CompeftConfig) -> CompeftConfig:
+        # Always a new object: one attach = one config object = one inner config (see make_branch).
+        return config.model_copy()
+
+    def branch_keys_for(self, config: CompeftConfig) -> tuple[str, ...]:
+        # The packed keys the inner method's keys produce ("packed.lora_A__weight.keep" …).
+        inner = config.inner_config()
+        return tuple(f"packed.{_slot(bk)}.{part}" for bk in get_method(inner.method).branch_keys_for(inner)
                      for part in ("keep", "signs", "scale", "values"))
 
     def resolve_targets(self, model, config: CompeftConfig):
@@ -166,7 +180,11 @@ class CompeftMethod(DeltaMethod):
         return True
 
     def make_branch(self, module_name: str, module: nn.Module, config: CompeftConfig) -> CompeftBranch:
-        inner = config.inner_config()
+        # One inner config object per compeft config: an inner method that shares parameters across
+        # its branches of one attach (compacter's PHM rules, keyed by config identity) shares them here too.
+        if self._inner is None or self._inner[0] is not config:
+            self._inner = (config, config.inner_config())
+        inner = self._inner[1]
         branch = get_method(inner.method).make_branch(module_name, module, inner)
         return CompeftBranch(branch, module_name, config)
 
@@ -187,7 +205,8 @@ def compress_delta_tensors(config: DeltaConfig, tensors: dict[str, torch.Tensor]
             if any(matches(p, key.rsplit(".", 1)[0]) or key.startswith(p + ".") for p in config.modules_to_save):
                 packed[key] = t
                 continue
-            raise ConfigError(f"compress: tensor {key!r} is not a parameter of a {config.method} delta")
+            raise ConfigError(f"compress: tensor {key!r} of the {config.method} delta is not stored per module (<module>.<{' | '.join(branch_keys)}>); "
+                              "compress packs deltas on wrapped modules only")
         module = key[: -len(bk) - 1]
         modules.add(module)
         parts = compress_tensor(t, density, ternary, alpha)
@@ -218,7 +237,7 @@ def compress_adapter(path, out, density: float, ternary: bool = True, alpha: flo
         raise ConfigError(f"{path} is already compressed (method compeft)")
     tensors = read_delta_tensors(path)
     method = get_method(config.method)
-    new_config, packed = compress_delta_tensors(config, tensors, method.branch_keys, density, ternary, alpha)
+    new_config, packed = compress_delta_tensors(config, tensors, method.branch_keys_for(config), density, ternary, alpha)
     try:
         base_name = json.loads((path / CONFIG_FILE).read_text()).get("base_model_name_or_path")
     except (OSError, ValueError):

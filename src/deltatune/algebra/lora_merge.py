@@ -1,11 +1,13 @@
-"""LoRA-aware merging: K LoRA adapters → one LoRA adapter, one module at a time.
+"""LoRA-aware merging: K low-rank deltas → one LoRA adapter, one module at a time.
 
-With ΔW_k = s_k · B_k A_k (B_k [out, r_k], A_k [r_k, in]) and the op's coefficients c_k
-(task arithmetic: λ·w_k; linear: λ·w_k / Σ w):
+Each input's method gives its exact factors ΔW_k = B_k A_k (``low_rank_factors()``: B_k [out, r_k]
+with the scale folded in, A_k [r_k, in]; PiSSA gives rank 2r, ``[s·B, −s·B₀] [A; A₀]``), so no
+tensor of a file is read here. With the op's coefficients c_k (task arithmetic: λ·w_k; linear:
+λ·w_k / Σ w):
 
 - ``concat`` (exact, for weighted sums only)::
 
-      Σ_k c_k ΔW_k = [c_1 s_1 B_1 | … | c_K s_K B_K] · [A_1; …; A_K]     rank Σ r_k, scaling 1
+      Σ_k c_k ΔW_k = [c_1 B_1 | … | c_K B_K] · [A_1; …; A_K]     rank Σ r_k, scaling 1
 
 - ``svd`` (any op, e.g. TIES): ΔW = op(ΔW_1 … ΔW_K) for one module, then its best rank-r
   approximation U_r S_r V_rᵀ (Eckart–Young): B = U_r S_r, A = V_rᵀ, scaling 1.
@@ -22,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import deltatune
+from deltatune.algebra.lines import lines_factor, num_layers
 from deltatune.algebra.ops import OPS
 from deltatune.core.registry import get_method
 from deltatune.core.state import CONFIG_FILE, DELTATUNE_FILE, WEIGHTS_FILE, to_file_key
@@ -58,9 +61,8 @@ def merge_lora_adapters(recipe, plan) -> dict:
         raise ConfigError("merging LoRA adapters with modules_to_save (trained heads) into one adapter is not supported; write a HF model directory instead")
     mode = recipe.lora.mode if recipe.lora is not None else "concat"
     modules = list(dict.fromkeys(m for i in inputs for m in i.modules))
-    scalings = [i.config.scaling for i in inputs]
-    # config.r is every module's rank, or the largest one under a rank_pattern (never exceeded).
-    ranks = [max([i.config.r, *getattr(i.config, "rank_pattern", {}).values()]) for i in inputs]
+    # Each input's largest rank over its modules (known from shapes when it was validated).
+    ranks = [max(i.ranks.values(), default=0) for i in inputs]
     if mode == "concat":
         coeffs = concat_coefficients(recipe)
         rank = sum(ranks)
@@ -71,13 +73,14 @@ def merge_lora_adapters(recipe, plan) -> dict:
     tensors: dict[str, torch.Tensor] = {}
     names = {}
     for module in modules:
-        factors = [i.lowrank_factors(module) for i in inputs]
+        base = {n: plan.base.tensors.get(n) for n in (f"{module}.weight", f"{module}.bias") if n in plan.base.tensors.infos}
+        factors = [i.low_rank_factors(module, base) for i in inputs]
         shape_w = plan.base.tensors.shape(f"{module}.weight")
         if mode == "concat":
             Bs, As = [], []
-            for f, c, s, r in zip(factors, coeffs, scalings, ranks):
-                if f:
-                    B_k, A_k = f["lora_B.weight"] * (c * s), f["lora_A.weight"]
+            for f, c, r in zip(factors, coeffs, ranks):
+                if f is not None:
+                    A_k, B_k = f[0], f[1] * c
                     pad = r - A_k.shape[0]  # a module below the adapter's rank (rank_pattern, AdaLoRA): zero directions
                     Bs.append(torch.cat([B_k, B_k.new_zeros(B_k.shape[0], pad)], 1) if pad > 0 else B_k)
                     As.append(torch.cat([A_k, A_k.new_zeros(pad, A_k.shape[1])], 0) if pad > 0 else A_k)
@@ -86,11 +89,9 @@ def merge_lora_adapters(recipe, plan) -> dict:
                     As.append(torch.zeros(r, shape_w[1]))
             B, A = torch.cat(Bs, 1), torch.cat(As, 0)
         else:
-            deltas = [s * f["lora_B.weight"] @ f["lora_A.weight"] if f else torch.zeros(shape_w) for f, s in zip(factors, scalings)]
+            deltas = [f[1] @ f[0] if f is not None else torch.zeros(shape_w) for f in factors]
             merged = spec.fn(None, deltas, dataclasses.replace(params, name=module, generator=generator))
             if recipe.lines is not None:
-                from deltatune.algebra.lines import lines_factor, num_layers
-
                 merged = merged * lines_factor(f"{module}.weight", num_layers(plan.base.config, plan.base.tensors.keys()), recipe.lines.alpha, recipe.lines.beta)
             B, A = lowrank_svd(merged, rank)
         name = next(i.logical[module] for i in inputs if module in i.logical)

@@ -21,8 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 from deltatune.algebra.lines import lines_factor, num_layers
+from deltatune.algebra.lora_merge import merge_lora_adapters
 from deltatune.algebra.ops import MODEL_OPS, OPS
 from deltatune.algebra.recipe import MergeRecipe
+from deltatune.algebra.sparse import to_sparse, write_sparse
 from deltatune.algebra.task_vector import AdapterInput, BaseCheckpoint, FullInput, module_of, open_input
 from deltatune.utils.errors import ConfigError
 from deltatune.utils.io import atomic_dir
@@ -64,26 +66,26 @@ def output_format(recipe: MergeRecipe, plan: MergePlan) -> str:
         fmt = recipe.output.format
     else:
         fmt = "adapter" if recipe.lora is not None else "hf"
-    if fmt == "adapter" and not all(isinstance(i, AdapterInput) and i.method.name == "lora" for i in plan.inputs):
-        raise ConfigError("output.format adapter (a merged LoRA adapter) needs every input to be a LoRA adapter; write a HF model directory instead")
+    if fmt == "adapter":
+        # A merged LoRA adapter is built from each input's exact low-rank factors; ask the method.
+        for spec, inp in zip(recipe.inputs, plan.inputs):
+            if not isinstance(inp, AdapterInput):
+                raise ConfigError(f"output.format adapter (a merged LoRA adapter) needs low-rank deltas as inputs; {spec.path!r} is a {inp.kind} input; write a HF model directory instead")
+            if not inp.method.capabilities.low_rank_factors:
+                raise ConfigError(f"output.format adapter (a merged LoRA adapter) needs low-rank deltas as inputs; {spec.path!r} is a {inp.method.name} delta, "
+                                  "which has no exact low-rank factors; write a HF model directory instead")
     return fmt
 
 
 def run_merge(recipe: MergeRecipe, log=print) -> dict:
     """Run ``recipe``; returns a small report (also written to the output as ``merge_report.json``)."""
     if recipe.method in MODEL_OPS:
-        return MODEL_OPS[recipe.method](recipe)
-    if recipe.method == "greedy_soup":
-        from deltatune.algebra.soup import greedy_soup
-
-        return greedy_soup(recipe, log=log)
+        return MODEL_OPS[recipe.method].fn(recipe, log=log)
     start = time.perf_counter()
     plan = open_plan(recipe)
     try:
         fmt = output_format(recipe, plan)
         if fmt == "adapter":
-            from deltatune.algebra.lora_merge import merge_lora_adapters
-
             report = merge_lora_adapters(recipe, plan)
         elif fmt == "sparse":
             report = write_sparse_delta(recipe, plan)
@@ -157,8 +159,6 @@ def write_full_model(recipe: MergeRecipe, plan: MergePlan) -> dict:
 
 def write_sparse_delta(recipe: MergeRecipe, plan: MergePlan) -> dict:
     """The merged task vector as a sparse delta (non-zero entries, or the top ``output.density`` share)."""
-    from deltatune.algebra.sparse import to_sparse, write_sparse
-
     delta, kept, total = {}, 0, 0
     for name, base, merged in merged_tensors(recipe, plan):
         total += base.numel()

@@ -54,9 +54,16 @@ class OpSpec:
     needs_base: bool = True        # False: the op averages whole models (a soup); θ_base only as a reference
 
 
+@dataclass(frozen=True)
+class ModelOpSpec:
+    fn: Callable                   # fn(recipe, log) -> report dict; writes recipe.output itself
+    needs_eval: bool = False       # scores candidate models on the recipe's eval section (greedy soup)
+    weighted: bool = True          # uses the inputs' weights, so their sum must not vanish
+
+
 OPS: dict[str, OpSpec] = {}
-# Model-level ops: ``fn(recipe, report) -> None`` writes recipe.output itself (OT fusion, greedy soup).
-MODEL_OPS: dict[str, Callable] = {}
+# Model-level ops (OT fusion, greedy soup): they need whole models, not one tensor at a time.
+MODEL_OPS: dict[str, ModelOpSpec] = {}
 
 
 def register_op(name: str, fn: MergeOp, needs_base: bool = True, **defaults) -> None:
@@ -65,11 +72,11 @@ def register_op(name: str, fn: MergeOp, needs_base: bool = True, **defaults) -> 
     OPS[name] = OpSpec(fn, defaults, needs_base)
 
 
-def register_model_op(name: str, fn: Callable) -> None:
-    """Register an op that needs whole models (e.g. ``ot_fusion``): ``fn(recipe) -> dict`` (a report)."""
+def register_model_op(name: str, fn: Callable, needs_eval: bool = False, weighted: bool = True) -> None:
+    """Register an op that needs whole models (e.g. ``ot_fusion``): ``fn(recipe, log) -> dict`` (a report)."""
     if name in OPS or name in MODEL_OPS:
         raise ValueError(f"merge op {name!r} registered twice")
-    MODEL_OPS[name] = fn
+    MODEL_OPS[name] = ModelOpSpec(fn, needs_eval, weighted)
 
 
 def list_ops() -> list[str]:

@@ -222,7 +222,7 @@ def ot_fuse_model(models: list[nn.Module], weights: list[float] | None = None, h
     return model
 
 
-def merge_op(recipe) -> dict:
+def merge_op(recipe, log=print) -> dict:
     """The ``ot_fusion`` method of ``deltatune merge``: full model directories (same architecture)
     → their OT-aligned weighted average, written as a HF directory like any other merge."""
     import json

@@ -26,8 +26,6 @@ from deltatune.core.config import StrictConfig
 from deltatune.core.recipe_file import read_recipe_file, validate_recipe
 from deltatune.utils.errors import did_you_mean
 
-MODEL_LEVEL = ("greedy_soup",)  # handled by the engine itself, next to MODEL_OPS registered by other modules
-
 
 class InputSpec(StrictConfig):
     path: str
@@ -98,17 +96,18 @@ class MergeRecipe(StrictConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "MergeRecipe":
-        known = [*OPS, *MODEL_OPS, *MODEL_LEVEL]
+        known = list_ops()
         if self.method not in known:
-            raise ValueError(f"unknown merge method {self.method!r}{did_you_mean(self.method, known)}; available: {', '.join(sorted(set(known) | set(list_ops())))}")
+            raise ValueError(f"unknown merge method {self.method!r}{did_you_mean(self.method, known)}; available: {', '.join(known)}")
+        model_op = MODEL_OPS.get(self.method)
         total = sum(i.weight for i in self.inputs)
-        if self.method not in MODEL_LEVEL and math.isclose(total, 0.0, abs_tol=1e-12):
+        if (model_op is None or model_op.weighted) and math.isclose(total, 0.0, abs_tol=1e-12):
             raise ValueError(f"input weights sum to 0 ({[i.weight for i in self.inputs]}): the merge would be undefined / vanish; give a non-zero total weight")
         needs_base = self.method in OPS and OPS[self.method].needs_base
         if needs_base and self.base is None:
             raise ValueError(f"method {self.method!r} merges task vectors (input − base): set 'base'")
-        if self.method == "greedy_soup" and self.eval is None:
-            raise ValueError("method greedy_soup needs an eval section (data, metric) to decide which models to add")
+        if model_op is not None and model_op.needs_eval and self.eval is None:
+            raise ValueError(f"method {self.method} needs an eval section (data, metric) to decide which models to add")
         return self
 
     def op_params(self, name: str = ""):

@@ -5,7 +5,9 @@ Two kinds of input, told apart by their files:
 - a full fine-tuned HF directory (``config.json`` + safetensors): τ = θ_ft − θ_base for every tensor;
 - a delta directory (deltatune's or PEFT's files) of any mergeable method: τ comes from the method's
   own contract — ``delta_weight()`` for linear deltas (LoRA: s·B·A), else ``merge()`` applied to a
-  copy of the base module minus the base module (IA3: W·diag(l) − W). No method is special-cased.
+  copy of the base module minus the base module (IA3: W·diag(l) − W). No method is special-cased:
+  LoRA-aware merges ask the branch for ``low_rank_factors()`` (PiSSA: ``[s·B, −s·B₀] [A; A₀]``)
+  rather than reading its tensors.
 
 Everything is validated (architecture, names, shapes) when the input is opened, from file headers
 only; tensors are read when :meth:`task_vectors` is called for a module.
@@ -32,7 +34,7 @@ from deltatune.core.state import (
     split_key,
     to_file_key,
 )
-from deltatune.utils.errors import ConfigError, DeltaFileError, ModelLoadError, ShapeMismatchError, closest
+from deltatune.utils.errors import CapabilityError, ConfigError, DeltaFileError, ModelLoadError, ShapeMismatchError, closest
 
 
 def module_of(tensor_name: str) -> str:
@@ -117,6 +119,7 @@ class AdapterInput:
         self.modules: dict[str, dict[str, str]] = {}   # base module name → {branch-local key: file key}
         self.saved: dict[str, str] = {}                 # base tensor name → file key (modules_to_save)
         self.logical: dict[str, str] = {}               # base module name → the delta's own module name
+        self.ranks: dict[str, int] = {}                 # base module name → rank of its low-rank factors
 
     def _base_name(self) -> str | None:
         cfg = self.path / CONFIG_FILE
@@ -134,7 +137,7 @@ class AdapterInput:
         by_module: dict[str, dict[str, str]] = {}
         for file_key in self.file.keys():
             key = from_file_key(file_key)
-            module, local = split_key(key, self.method.branch_keys, self.config.modules_to_save, _prefixes(key))
+            module, local = split_key(key, self.method.branch_keys_for(self.config), self.config.modules_to_save, _prefixes(key))
             target = rename(module)
             if target is None:
                 near = closest(module, base_modules, 1)
@@ -163,14 +166,18 @@ class AdapterInput:
                         f"input {str(self.path)!r}: tensor {file_key!r} has shape {list(self.file.shape(file_key))}, but module {module!r} "
                         f"of the base {base.name!r} needs {list(expected[local])}; the delta was saved for another base model"
                     )
+            if self.method.capabilities.low_rank_factors:  # shapes only: the branch is on the meta device
+                self.ranks[module] = branch.low_rank_factors()[0].shape[0]
         self.modules = by_module
         self._base = base
 
     def _branch(self, module: str, base: BaseCheckpoint, meta: bool, weights: dict[str, torch.Tensor] | None = None):
         w_name, b_name = f"{module}.weight", f"{module}.bias"
         if weights is None:
-            w = torch.empty(base.tensors.shape(w_name), device="meta")
-            b = torch.empty(base.tensors.shape(b_name), device="meta") if b_name in base.tensors.infos else None
+            # Zeros, not meta tensors: a branch may compute from W when built (PiSSA's SVD, LIFT's and
+            # DSEE's index selection), which meta tensors cannot do; one module's weight at a time.
+            w = torch.zeros(base.tensors.shape(w_name))
+            b = torch.zeros(base.tensors.shape(b_name)) if b_name in base.tensors.infos else None
         else:
             w, b = weights[w_name].float(), weights.get(b_name)
             b = None if b is None else b.float()
@@ -185,9 +192,24 @@ class AdapterInput:
     def touches(self, module: str) -> bool:
         return module in self.modules or any(module_of(n) == module for n in self.saved)
 
-    def lowrank_factors(self, module: str) -> dict[str, torch.Tensor]:
-        """The branch's raw tensors for ``module`` (for LoRA-aware merging)."""
-        return {local: self.file.get(fk).float() for local, fk in self.modules.get(module, {}).items()}
+    def _loaded_branch(self, module: str, base: dict[str, torch.Tensor]):
+        """The method's branch at ``module`` over the base tensors ``base``, holding the file's tensors."""
+        branch = self._branch(module, self._base, meta=False, weights=base)
+        branch.load_state_dict({local: self.file.get(fk).float() for local, fk in self.modules[module].items()})
+        return branch
+
+    @torch.no_grad()
+    def low_rank_factors(self, module: str, base: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Exact ``(A [r, in], B_s [out, r])`` with ``B_s @ A`` = this delta's ΔW at ``module``, as the
+        method's branch gives them; None where the delta leaves ``module`` alone. ``base``: the module's
+        base tensors (``<module>.weight`` …), which a branch may need (PiSSA's B₀, A₀)."""
+        if module not in self.modules:
+            return None
+        try:
+            a, b = self._loaded_branch(module, base).low_rank_factors()
+        except CapabilityError as err:
+            raise ConfigError(f"input {str(self.path)!r}: the {self.method.name} delta at module {module!r} has no exact low-rank factors ({err}); write a HF model directory instead") from None
+        return a.float(), b.float()
 
     @torch.no_grad()
     def task_vectors(self, module: str, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -197,8 +219,7 @@ class AdapterInput:
                 out[name] = self.file.get(file_key).float() - base[name].float()
         if module not in self.modules:
             return out
-        branch = self._branch(module, self._base, meta=False, weights=base)
-        branch.load_state_dict(self.lowrank_factors(module))
+        branch = self._loaded_branch(module, base)
         w_name, b_name = f"{module}.weight", f"{module}.bias"
         if self.method.capabilities.linear_delta:
             out[w_name] = branch.delta_weight(stub_module(base[w_name].float(), None)).float()

@@ -25,7 +25,9 @@ from deltatune.utils.errors import CapabilityError
 class Capabilities:
     mergeable: bool = False         # merge()/unmerge() fold the delta into base weights exactly
     linear_delta: bool = False      # delta_weight() gives ΔW with W' = W + ΔW
-    batched_serving: bool = False   # the serving pool batches it across requests (its branches give low_rank_factors())
+    # Its branches give exact low_rank_factors(): the serving pool batches it across requests and
+    # LoRA-aware merges (concat / SVD) keep it low-rank; tools that need factors refuse the others.
+    low_rank_factors: bool = False
     unchanged_at_init: bool = True  # the model's outputs are identical right after attach
 
 

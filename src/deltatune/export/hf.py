@@ -46,11 +46,15 @@ def _check_untied(base: nn.Module, facade: DeltaModel) -> None:
     owners: dict[int, list[str]] = {}
     for name, p in base.named_parameters(remove_duplicate=False):
         owners.setdefault(p.data_ptr(), []).append(name)
+    # Parameter names are physical (``…mlp.base_layer.up_proj.weight``), wrapper names logical: compare
+    # with the wrapper's physical path, which differs from its logical name when wrappers nest (a bundle).
+    physical = {id(m): n for n, m in base.named_modules(remove_duplicate=False)}
     for module_name, wrapper in iter_wrappers(base):
         if not any(n in wrapper.active and n not in wrapper.merged for n in wrapper.deltas):
             continue
+        inside = physical[id(wrapper)] + "."
         for p in wrapper.base_layer.parameters():
-            shared = [n for n in owners.get(p.data_ptr(), []) if not n.startswith(module_name + ".")]
+            shared = [n for n in owners.get(p.data_ptr(), []) if not n.startswith(inside)]
             if shared:
                 raise DeltatuneError(
                     f"module {module_name!r} carries an active delta but its weight is tied to {shared[0]!r}; "

@@ -126,7 +126,7 @@ class LoraBranch(DeltaBranch):
 class LoraMethod(DeltaMethod):
     name = "lora"
     config_class = LoraConfig
-    capabilities = Capabilities(mergeable=True, linear_delta=True, batched_serving=True)
+    capabilities = Capabilities(mergeable=True, linear_delta=True, low_rank_factors=True)
     default_targets = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "*": "all-linear"}
     branch_keys = ("lora_A.weight", "lora_B.weight", "lora_rank_mask")
     peft_type = "LORA"

@@ -3,7 +3,7 @@
 ============  =====================================================================  ==========================
 name          what it keeps                                                          module
 ============  =====================================================================  ==========================
-adamw         two moments per trainable entry (3× the weights with the gradient)    torch.optim.AdamW
+adamw         two moments per trainable entry (3× the weights with the gradient)    :mod:`.adamw`
 galore        Adam moments in a rank-r gradient subspace per 2-D matrix              :mod:`.galore`
 lisa          AdamW state only for embeddings, head and γ sampled middle layers      :mod:`.lisa`
 lomo          nothing: SGD fused into backward, gradients freed as they appear      :mod:`.lomo`
@@ -41,7 +41,7 @@ def register_optimizer(name: str):
 
 def build(params: list[torch.nn.Parameter], config: Any, model: torch.nn.Module | None = None, objective: Any = None) -> torch.optim.Optimizer:
     """The optimizer ``config.name`` over ``params``; settings that cannot fit the model fail here, before any step."""
-    from deltatune.optim import galore, lisa, lomo, mezo  # noqa: F401  (register)
+    from deltatune.optim import adamw, galore, lisa, lomo, mezo  # noqa: F401  (register)
 
     if config.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name: unknown optimizer {config.name!r}; available: {', '.join(sorted(OPTIMIZERS))}")

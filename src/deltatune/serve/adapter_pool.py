@@ -9,7 +9,7 @@ The pool never interprets a file's tensors itself: for each module it builds the
 (the method's code) over the served base weight, loads the file into it, and asks the branch for
 exact ``low_rank_factors()`` — so PiSSA (rank 2r: ``[s·B, −s·B₀] [A; A₀]``), rank masks and
 per-module scales are served exactly as ``deltatune generate`` runs them. Methods whose
-capabilities do not include ``batched_serving`` are refused with a one-line reason.
+capabilities do not include ``low_rank_factors`` are refused with a one-line reason.
 
 Every check runs on the reading thread, before the adapter can take a slot: tensor names, dtypes,
 shapes against the method's own branch, finite values, file size and rank. A file that fails fails
@@ -62,8 +62,8 @@ def resolve_lora_dtype(value: str | torch.dtype | None, model_dtype: torch.dtype
 
 
 def served_methods() -> list[str]:
-    """The registered methods whose deltas the pool batches (capability ``batched_serving``)."""
-    return [n for n in list_methods() if get_method(n).capabilities.batched_serving]
+    """The registered methods whose deltas the pool batches (capability ``low_rank_factors``)."""
+    return [n for n in list_methods() if get_method(n).capabilities.low_rank_factors]
 
 
 def max_file_bytes(weights: dict[str, torch.Tensor], max_rank: int) -> int:
@@ -92,7 +92,7 @@ def read_adapter(path: Path, weights: dict[str, torch.Tensor], max_rank: int) ->
     """
     config = read_delta_config(path)
     method = get_method(config.method)
-    if not method.capabilities.batched_serving:
+    if not method.capabilities.low_rank_factors:
         raise DeltaFileError(f"{path}: method {config.method!r} cannot be served in a mixed batch; the pool serves {', '.join(served_methods())}")
     if config.modules_to_save:
         raise DeltaFileError(f"{path}: modules_to_save {config.modules_to_save} (full module copies) cannot be batched across requests; merge it instead")

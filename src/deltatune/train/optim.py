@@ -5,28 +5,15 @@ import math
 
 import torch
 
+from deltatune import optim
 from deltatune.train.config import OptimConfig, ScheduleConfig
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, model: torch.nn.Module | None = None, objective=None) -> torch.optim.Optimizer:
-    """AdamW over ``params``; fused kernels where this torch build has them, else foreach.
-
-    Any other ``config.name`` is one of :mod:`deltatune.optim` (GaLore, LISA, LOMO, MeZO …), which
-    may need the model (LISA's layers, GaLore's embeddings) or the objective (MeZO's losses).
-    """
-    if config.name != "adamw":
-        from deltatune import optim
-
-        return optim.build(params, config, model, objective)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases and norm scales are not decayed
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    kwargs = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    """The registered optimizer ``config.name`` (:mod:`deltatune.optim`: AdamW, GaLore, LISA, LOMO,
+    MeZO …) over ``params``; some need the model (LISA's layers, GaLore's embeddings) or the
+    objective (MeZO's losses)."""
+    return optim.build(params, config, model, objective)
 
 
 def lr_factor(step: int, total: int, config: ScheduleConfig) -> float:

@@ -65,12 +65,20 @@ def test_lines_scales_shallow_layers_towards_base(ckpts, tmp_path):
     assert torch.equal(got["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
 
 
-def _lora_adapter(base_dir, out, seed, r=4, targets=("q_proj", "v_proj", "up_proj"), rank_pattern=None):
+def _lora_adapter(base_dir, out, seed, r=4, targets=("q_proj", "v_proj", "up_proj"), rank_pattern=None, init="kaiming"):
     model = deltatune.load_model(base_dir)
-    dm = deltatune.attach(model, {"method": "lora", "r": r, "alpha": 2.0 * r, "targets": list(targets), "rank_pattern": rank_pattern or {}})
+    dm = deltatune.attach(model, {"method": "lora", "r": r, "alpha": 2.0 * r, "targets": list(targets), "rank_pattern": rank_pattern or {}, "init": init})
     randomize_delta(dm, std=0.1, seed=seed)
     dm.save_delta(str(out))
     return out
+
+
+def _merged_error(adapter_dir, base, want) -> float:
+    """Largest |W| difference between ``base`` + the merged adapter at ``adapter_dir`` and the dense merge ``want``."""
+    dm = deltatune.load_delta(deltatune.load_model(base), adapter_dir)
+    dm.merge()
+    sd = dm.base_model.state_dict()
+    return max((sd.get(k, sd.get(k.rsplit(".", 1)[0] + ".base_layer.weight")) - want[k]).abs().max().item() for k in want)
 
 
 def _logits(model_dir_or_model, ids):
@@ -108,11 +116,8 @@ def test_lora_concat_merge_is_exact_and_svd_rank(ckpts, tmp_path):
     want = weights(tmp_path / "dense")
     for name in ("cat", "svd"):
         assert (tmp_path / name / "adapter_model.safetensors").is_file()
-        dm = deltatune.load_delta(deltatune.load_model(base), tmp_path / name)
-        assert dm.delta_configs["default"].r == 6
-        dm.merge()
-        sd = dm.base_model.state_dict()
-        err = max((sd.get(k, sd.get(k.rsplit(".", 1)[0] + ".base_layer.weight")) - want[k]).abs().max().item() for k in want)
+        assert deltatune.load_delta(deltatune.load_model(base), tmp_path / name).delta_configs["default"].r == 6
+        err = _merged_error(tmp_path / name, base, want)
         assert err < 1e-6, (name, err)   # rank 6 = 4 + 2 holds the weighted sum exactly
     # A smaller rank: each module's error is its SVD tail (Eckart–Young), so below the exact merge's size.
     run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "ties", tmp_path / "svd2", lora={"mode": "svd", "rank": 2}, parameters={"density": 0.5}))
@@ -127,12 +132,33 @@ def test_lora_concat_merge_with_per_module_ranks_is_exact(ckpts, tmp_path):
     run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "task_arithmetic", tmp_path / "cat", lora={"mode": "concat"}))
     run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "task_arithmetic", tmp_path / "dense"))
     want = weights(tmp_path / "dense")
-    dm = deltatune.load_delta(deltatune.load_model(base), tmp_path / "cat")
-    assert dm.delta_configs["default"].r == 6 + 2
-    dm.merge()
-    sd = dm.base_model.state_dict()
-    err = max((sd.get(k, sd.get(k.rsplit(".", 1)[0] + ".base_layer.weight")) - want[k]).abs().max().item() for k in want)
+    assert deltatune.load_delta(deltatune.load_model(base), tmp_path / "cat").delta_configs["default"].r == 6 + 2
+    err = _merged_error(tmp_path / "cat", base, want)
     assert err < 1e-6, err
+
+
+def test_pissa_merges_through_its_branch_factors(ckpts, tmp_path):
+    # PiSSA's ΔW is s·(BA − B₀A₀), rank 2r: read as plain s·BA it would be off by the top-r part of W.
+    _, base, _ = ckpts
+    a = _lora_adapter(base, tmp_path / "a", seed=1, r=2, init="pissa")
+    b = _lora_adapter(base, tmp_path / "b", seed=2, r=2, targets=("q_proj", "k_proj"))
+    run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "task_arithmetic", tmp_path / "dense"))
+    run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "task_arithmetic", tmp_path / "cat", lora={"mode": "concat"}))
+    run_merge(recipe(base, [(a, 0.7), (b, 0.3)], "task_arithmetic", tmp_path / "svd", lora={"mode": "svd", "rank": 6}))
+    want = weights(tmp_path / "dense")
+    assert deltatune.load_delta(deltatune.load_model(base), tmp_path / "cat").delta_configs["default"].r == 2 * 2 + 2
+    for name in ("cat", "svd"):
+        err = _merged_error(tmp_path / name, base, want)
+        assert err < 1e-5, (name, err)
+
+
+def test_adapter_output_refuses_deltas_without_low_rank_factors(ckpts, tmp_path):
+    _, base, _ = ckpts
+    dm = deltatune.attach(deltatune.load_model(base), {"method": "ia3"})
+    dm.save_delta(str(tmp_path / "ia3"))
+    with pytest.raises(ConfigError, match=r"'.*ia3' is a ia3 delta, which has no exact low-rank factors") as err:
+        run_merge(recipe(base, [(tmp_path / "ia3", 1.0)], "task_arithmetic", tmp_path / "out", lora={"mode": "concat"}))
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
 def test_lora_concat_refuses_nonlinear_method(ckpts, tmp_path):
