@@ -168,6 +168,21 @@ class DeltaModel(nn.Module):
             branches = {m: w.deltas[name] for m, w in iter_wrappers(self.base_model) if name in w.deltas}
             get_method(self.delta_configs[name].method).on_train_step(branches, self.delta_configs[name], step)
 
+    def training_state(self) -> dict[str, dict[str, Any]]:
+        """``{module: {delta: branch.training_state()}}``: what a trainer checkpoint keeps besides parameters."""
+        return {m: {n: b.training_state() for n, b in w.deltas.items()} for m, w in iter_wrappers(self.base_model)}
+
+    def load_training_state(self, state: dict[str, dict[str, Any]]) -> None:
+        """Restore :meth:`training_state` into the same deltas at the same modules."""
+        wrappers = dict(iter_wrappers(self.base_model))
+        have, saved = {(m, n) for m, w in wrappers.items() for n in w.deltas}, {(m, n) for m, s in state.items() for n in s}
+        if have != saved:
+            module, name = sorted(have ^ saved)[0]
+            raise DeltatuneError(f"checkpoint training state does not match the model: delta {name!r} at {module!r} is in only one of them")
+        for module, deltas in state.items():
+            for name, branch_state in deltas.items():
+                wrappers[module].deltas[name].load_training_state(branch_state)
+
     # --- merge ---
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:

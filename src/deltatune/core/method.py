@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from deltatune.core.config import DeltaConfig
-from deltatune.utils.errors import CapabilityError
+from deltatune.utils.errors import CapabilityError, DeltatuneError
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,22 @@ class DeltaBranch(nn.Module):
         """The tensors a delta file stores for this branch. Default: the branch's state dict; a
         branch with a training-only parametrisation (prefix tuning's MLP) returns the folded tensors."""
         return self.state_dict()
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides the trainable parameters that training changes and an exact resume
+        needs (tensors, numbers, bools or nested dicts of them); trainer checkpoints hold it.
+
+        Default: every buffer, non-persistent ones included (sparse indices, rank masks, importance
+        averages). A branch that keeps state in plain attributes (a step count, a phase) adds it."""
+        return dict(self.named_buffers())
+
+    @torch.no_grad()
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`training_state` (called before the checkpoint's parameters are loaded)."""
+        for name, buffer in self.named_buffers():
+            if name not in state:
+                raise DeltatuneError(f"checkpoint training state of {type(self).__name__} has no {name!r}; resume with the recipe the run was started with")
+            buffer.copy_(state[name])
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

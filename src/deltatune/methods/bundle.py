@@ -88,6 +88,13 @@ class BundleBranch(DeltaBranch):
     def saved_state(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{k}": v for name, b in self.members.items() for k, v in b.saved_state().items()}
 
+    def training_state(self):
+        return {name: b.training_state() for name, b in self.members.items()}
+
+    def load_training_state(self, state):
+        for name, b in self.members.items():
+            b.load_training_state(state[name])
+
 
 @register
 class BundleMethod(DeltaMethod):

@@ -66,6 +66,13 @@ class HftBranch(DeltaBranch):
     def delta_weight(self, base):
         return self.hft_delta.detach().clone()
 
+    def training_state(self):
+        return {**super().training_state(), "trainable_now": self.trainable_now}  # the current stage's draw
+
+    def load_training_state(self, state):
+        super().load_training_state(state)
+        self.trainable_now = state["trainable_now"]
+
 
 @register
 class HftMethod(DeltaMethod):

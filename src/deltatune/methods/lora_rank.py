@@ -11,10 +11,10 @@ parameters the optimizer holds never changes::
 An inactive rank k gets exactly zero gradient (its A x entry is multiplied by 0, B[:, k] sees a
 zero input), so B[:, k] stays 0 from init on and the saved file is a plain rank-r LoRA whose
 inactive columns are zero: PEFT loads it with the same logits. The mask is saved as
-``<module>.lora_rank_mask`` so training can continue with the same allocation; on ``train()``
-a rank whose B column is non-zero is marked active, which restores the allocation after a resume
-from a trainer checkpoint (it stores trainable parameters only); the trainer's ``model.train()``
-after loading the checkpoint triggers it.
+``<module>.lora_rank_mask`` so training can continue with the same allocation; trainer
+checkpoints hold the mask and the importance averages (buffers, see
+:meth:`~deltatune.core.method.DeltaBranch.training_state`). On ``train()`` a rank whose B column
+is non-zero is also marked active, so parameters copied in without their mask keep their ranks.
 
 Importance of a module (after each optimizer step): the EMA (factor ``importance_beta``) of the
 mean sensitivity ``|θ ⊙ ∇θ|`` over its active A rows and B columns — the first-order estimate of
@@ -49,12 +49,12 @@ class IncrementalLoraBranch(LoraBranch):
     @torch.no_grad()
     def sync_mask(self) -> None:
         """Mark ranks with a non-zero B column active. A no-op in normal training (inactive columns stay
-        exactly 0); after a resume from a trainer checkpoint, which holds only trainable parameters, it
-        restores the grown ranks instead of silently dropping their trained columns."""
+        exactly 0); after parameters were copied in without their mask, it restores the grown ranks
+        instead of silently dropping their trained columns."""
         self.lora_rank_mask.copy_(torch.maximum(self.lora_rank_mask, self.lora_B.weight.ne(0).any(0).to(self.lora_rank_mask.dtype)))
 
     def train(self, mode: bool = True) -> "IncrementalLoraBranch":
-        # The trainer calls model.train() after loading a checkpoint: the moment to restore the mask.
+        # model.train() follows loading weights into a model to train: the moment to restore the mask.
         super().train(mode)
         if mode:
             self.sync_mask()

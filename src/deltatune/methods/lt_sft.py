@@ -63,10 +63,21 @@ class LtSftBranch(SparseBranch):
     def select(self) -> None:
         """End of phase 1: support = top-k of |ΔW|, everything reset to θ₀, the dense ΔW released."""
         self.set_support(top_k_indices(self.dense_delta.abs(), self.sparse_values.numel()))
+        self.release_dense()
+
+    def release_dense(self) -> None:
         self.dense_delta.requires_grad_(False)
         self.dense_delta.grad = None
         self.dense_delta.data = torch.empty(0, dtype=self.dense_delta.dtype, device=self.dense_delta.device)
         self.dense_phase = False
+
+    def training_state(self):
+        return {**super().training_state(), "dense_phase": self.dense_phase}
+
+    def load_training_state(self, state):
+        super().load_training_state(state)  # the selected support is the sparse_indices buffer
+        if self.dense_phase and not state["dense_phase"]:
+            self.release_dense()  # before the checkpoint's (empty) dense_delta is loaded into it
 
 
 @register

@@ -46,6 +46,13 @@ class SparseDynamicBranch(SparseBranch):
             self._dense = dense
         return base_out + torch.nn.functional.linear(x, dense.to(x.dtype))
 
+    def training_state(self):
+        return {**super().training_state(), "steps": self.steps}  # the moved indices are the sparse_indices buffer
+
+    def load_training_state(self, state):
+        super().load_training_state(state)
+        self.steps = state["steps"]
+
     @torch.no_grad()
     def update_support(self, drop_fraction: float) -> int:
         """Drop the least-changed entries, regrow by gradient magnitude; returns how many moved."""

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from deltatune.optim import named_parameters_of, register_optimizer
-from deltatune.optim.lomo import fused_hook, fused_train_step
+from deltatune.optim.lomo import fused_hook, fused_train_step, group_of_params
 from deltatune.utils.errors import ConfigError
 
 Projector = Callable[[torch.Tensor, int], torch.Tensor]
@@ -60,11 +60,11 @@ class GaLore(torch.optim.Optimizer):
         self._mode: str | None = None
         self._norm_sq = torch.zeros(())
         self._coef = 1.0
+        self._group = group_of_params(self)
         if layerwise:
-            group_of = {id(p): g for g in self.param_groups for p in g["params"]}
             for g in self.param_groups:
                 for p in g["params"]:
-                    p.register_post_accumulate_grad_hook(lambda p: fused_hook(self, p, lambda p: self._update(p, group_of[id(p)], self._coef)))
+                    p.register_post_accumulate_grad_hook(lambda p: fused_hook(self, p, lambda p: self._update(p, self._group[id(p)], self._coef)))
 
     def train_step(self, micro: list[dict], step_loss) -> torch.Tensor:
         """Layer-wise mode: one step on ``micro`` (a single batch), the update fused into backward."""
@@ -80,6 +80,10 @@ class GaLore(torch.optim.Optimizer):
                 if p.grad is not None:
                     self._update(p, group)
         return loss
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._group = group_of_params(self)
 
     def _update(self, p: torch.Tensor, group: dict, coef: float = 1.0) -> None:
         beta1, beta2 = group["betas"]

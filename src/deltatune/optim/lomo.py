@@ -36,7 +36,7 @@ class Lomo(torch.optim.Optimizer):
         self._mode: str | None = None
         self._norm_sq = torch.zeros(())
         self._coef = 1.0
-        self._group = {id(p): g for g in self.param_groups for p in g["params"]}
+        self._group = group_of_params(self)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for g in self.param_groups for p in g["params"]]
 
     def _hook(self, p: torch.Tensor) -> None:
@@ -79,6 +79,16 @@ class Lomo(torch.optim.Optimizer):
 
     def step(self, closure=None):
         raise RuntimeError("LOMO updates inside backward: call train_step(micro_batches, step_loss), not step()")
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._group = group_of_params(self)
+
+
+def group_of_params(opt: torch.optim.Optimizer) -> dict[int, dict]:
+    """id(param) → its param group, for hooks that update one parameter. ``load_state_dict`` replaces
+    the group dicts (the schedule then sets the lr in the new ones), so a hook's map is rebuilt there."""
+    return {id(p): g for g in opt.param_groups for p in g["params"]}
 
 
 def fused_hook(opt, p: torch.Tensor, apply) -> None:

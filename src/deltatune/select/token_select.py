@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.utils.errors import DeltatuneError
+
 IGNORE_INDEX = -100
 
 
@@ -69,6 +71,18 @@ class TokenSelector:
         for n, p in model.named_parameters():
             if n in self.history:
                 self.history[n].mul_(self.beta).add_(p.detach(), alpha=1 - self.beta)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The history weights, for trainer checkpoints (a resumed run builds the selector from θ, not θ_hist)."""
+        return dict(self.history)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if set(state) != set(self.history):
+            raise DeltatuneError(f"token selector checkpoint holds {len(state)} history tensors, the model trains {len(self.history)}; "
+                                 "resume with the recipe the run was started with")
+        for n, v in state.items():
+            self.history[n].copy_(v)
 
     @contextlib.contextmanager
     def history_weights(self, model: nn.Module):

@@ -27,7 +27,8 @@ from deltatune.train.objective import CausalLMObjective, ClassificationObjective
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.setup import build_model, make_stream, prepare_data, trainable_parameters
 from deltatune.utils.errors import ConfigError
-from deltatune.utils.io import write_json_atomic, write_text_atomic
+from deltatune.utils.interrupt import interrupts_held
+from deltatune.utils.io import atomic_dir, write_json_atomic, write_text_atomic
 from deltatune.utils.memory import mmap_threshold_mb, tune_allocator
 from deltatune.utils.seed import seed_everything
 
@@ -60,6 +61,9 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
         objective = torch.compile(objective)
     wrapped = torch.nn.parallel.DistributedDataParallel(objective) if info.enabled else objective
     params = trainable_parameters(model)
+    # Fixed now: an optimizer may freeze and unfreeze parameters as it goes (LISA), and a checkpoint
+    # must hold every parameter the run trains, whatever requires grad at that moment.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(params, recipe.optim, model, objective)
     owns_step = getattr(optimizer, "owns_step", False)  # LOMO/MeZO run their own forward/backward (deltatune.optim)
     if owns_step and info.enabled:
@@ -71,10 +75,14 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
         from deltatune.select.token_select import TokenSelector
 
         selector = TokenSelector(model, cfg.token_selection.beta, cfg.token_selection.keep_ratio)
+    # What a checkpoint saves besides the parameters and the delta's declared training state.
+    parts = {"optimizer": optimizer, "scheduler": scheduler, **({"selector": selector} if selector is not None else {})}
 
     start, early = 0, {"best": None, "bad_evals": 0}
     if resume:
-        state = ckpt.load_checkpoint(run_dir, model, optimizer, scheduler)
+        if info.is_main:
+            ckpt.remove_partial(run_dir)
+        state = ckpt.load_checkpoint(run_dir, model, trainable, parts)
         stream.load_state_dict(state["data"])
         start, early = state["step"], state.get("early", early)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None) if info.is_main else None
@@ -117,33 +125,38 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                 penalty = model.regularization_loss() if i == 0 and hasattr(model, "regularization_loss") else None
                 return (loss if penalty is None else loss + penalty), loss_sum.detach().float().cpu()
 
-            if owns_step:
-                loss_total = optimizer.train_step(micro, step_loss)
-            else:
+            if not owns_step:
                 loss_total = torch.zeros(())
                 for i, batch in enumerate(micro):
                     loss, loss_sum = step_loss(i, batch)
                     loss.backward()
                     loss_total += loss_sum
-                if recipe.optim.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
-                optimizer.step()
-            scheduler.step()
-            if selector is not None:
-                selector.update(model)
-            if hasattr(model, "on_train_step"):  # before zero_grad: hooks may read the step's gradients
-                model.on_train_step(step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            data_state = stream.state_dict()
-            last_loss = all_reduce_sum(loss_total, info).item() / max(total_targets, 1.0)
-            seconds = time.perf_counter() - t0
-            tokens = all_reduce_sum(torch.tensor(float(sum(real_tokens(b) for b in micro))), info).item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
-            if log and (step % cfg.log_every == 0 or step == cfg.max_steps or step == start + 1):
-                log.log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
-                         "step_seconds": seconds, "peak_rss_mb": peak_rss_mb()})
+            # From the first weight update to the step's log line nothing may be interrupted, or a
+            # checkpoint would pair updated weights with the old step and the batch would be replayed
+            # (an optimizer that owns its step updates inside its passes, so they are held too).
+            with interrupts_held():
+                if owns_step:
+                    loss_total = optimizer.train_step(micro, step_loss)
+                else:
+                    if recipe.optim.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
+                    optimizer.step()
+                scheduler.step()
+                if selector is not None:
+                    selector.update(model)
+                if hasattr(model, "on_train_step"):  # before zero_grad: hooks may read the step's gradients
+                    model.on_train_step(step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                data_state = stream.state_dict()
+                last_loss = all_reduce_sum(loss_total, info).item() / max(total_targets, 1.0)
+                seconds = time.perf_counter() - t0
+                tokens = all_reduce_sum(torch.tensor(float(sum(real_tokens(b) for b in micro))), info).item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+                if log and (step % cfg.log_every == 0 or step == cfg.max_steps or step == start + 1):
+                    log.log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
+                             "step_seconds": seconds, "peak_rss_mb": peak_rss_mb()})
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 metrics = evaluate(model, objective, data, recipe, tokenizer)
                 model.train()
@@ -153,13 +166,13 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                     say(f"early stopping at step {step}: no improvement in {cfg.early_stopping_patience} evaluations")
                     break
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                _checkpoint(info, run_dir, step, model, optimizer, scheduler, data_state, early, cfg.keep_last)
+                _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, cfg.keep_last)
             if stop_after is not None and step >= start + stop_after:
-                _checkpoint(info, run_dir, step, model, optimizer, scheduler, data_state, early, cfg.keep_last)
+                _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, cfg.keep_last)
                 return {"step": step, "stopped": True, "loss": last_loss}
     except KeyboardInterrupt:
         # No barrier here: the other processes may be inside a collective and never reach it.
-        _checkpoint(info, run_dir, step, model, optimizer, scheduler, data_state, early, cfg.keep_last, sync=False)
+        _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, cfg.keep_last, sync=False)
         say(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume {run_dir}")
         raise
     finally:
@@ -172,10 +185,11 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
             log.log({"step": step, **{f"eval_{k}": v for k, v in after.items()}})
         delta_dir = run_dir / ("adapter" if hasattr(model, "save_delta") else "model")
         if hasattr(model, "save_delta"):
-            model.save_delta(delta_dir)
+            model.save_delta(delta_dir)  # atomic itself
         else:
-            model.save_pretrained(delta_dir)
-            tokenizer.save_pretrained(delta_dir)
+            with atomic_dir(delta_dir) as tmp:  # a crash mid-write leaves the previous model, never half of one
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         plot_loss_curve(log.rows, run_dir / "loss.png", f"{recipe.model.name} · {recipe.output.name}")
         result.update(adapter=str(delta_dir), plot=str(run_dir / "loss.png"))
         write_json_atomic(run_dir / "summary.json", result)
@@ -190,9 +204,9 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def _checkpoint(info: DistInfo, run_dir, step, model, optimizer, scheduler, data_state, early, keep_last, sync=True) -> None:
+def _checkpoint(info: DistInfo, run_dir, step, model, trainable, parts, data_state, early, keep_last, sync=True) -> None:
     if info.is_main:
-        ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, {"data": data_state, "early": early}, keep_last)
+        ckpt.save_checkpoint(run_dir, step, model, trainable, parts, {"data": data_state, "early": early}, keep_last)
     if sync:
         barrier(info)
 
