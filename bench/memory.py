@@ -248,7 +248,8 @@ def run_one(name: str, args) -> dict:
 def table(results: list[dict]) -> str:
     by = {r["optimizer"]: r for r in results if "error" not in r}
     adamw, inference = by.get("adamw"), by.get("inference")
-    rows = ["| optimizer | peak RSS (MB) | vs AdamW | vs inference | peak anonymous (MB) | vs AdamW | vs inference | optimizer state (MB) | state vs AdamW | tokens/s | loss start → end | malloc mmap threshold |",
+    rows = ["| optimizer | peak RSS (MB) | vs AdamW | vs inference | peak anonymous (MB) | vs AdamW | vs inference | optimizer state (MB) | "
+            "state vs AdamW | tokens/s | loss start → end | malloc mmap threshold |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ["inference", *RUNS]:
         r = by.get(name)  # the last result of a name counts
@@ -262,7 +263,8 @@ def table(results: list[dict]) -> str:
         anon = r.get("peak_anon_mb")
         anon_cells = (f"{anon:.0f} | {anon / adamw['peak_anon_mb']:.2f}x | " if adamw and adamw.get("peak_anon_mb") else f"{anon:.0f} | – | ") if anon else "– | – | "
         anon_cells += f"{anon / inference['peak_anon_mb']:.2f}x" if anon and inference and inference.get("peak_anon_mb") else "–"
-        rows.append(f"| {name} | {r['peak_rss_mb']:.0f} | {vs_adamw} | {vs_inf} | {anon_cells} | {state} | {state_ratio} | {r['tokens_per_s']:.0f} | {loss} | {r.get('mmap_threshold_mb', 4):g} MiB |")
+        rows.append(f"| {name} | {r['peak_rss_mb']:.0f} | {vs_adamw} | {vs_inf} | {anon_cells} | {state} | {state_ratio} | "
+                    f"{r['tokens_per_s']:.0f} | {loss} | {r.get('mmap_threshold_mb', 4):g} MiB |")
     return "\n".join(rows)
 
 

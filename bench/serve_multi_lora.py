@@ -21,11 +21,11 @@ clients over ``--load-adapters`` adapters (resident slots: 32), reporting errors
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import deltatune  # noqa: E402
 from machine import machine_info  # noqa: E402  (bench/machine.py: python puts the script's folder on sys.path)
 from deltatune.serve import Engine, SamplingParams  # noqa: E402
+from deltatune.serve.local import local_server  # noqa: E402
 
 TEXT = ("The history of science is the study of the development of science and scientific knowledge, including both the natural "
         "and social sciences. Science is a body of empirical, theoretical, and practical knowledge about the natural world, "
@@ -148,18 +149,10 @@ class RssSampler(threading.Thread):
 
 
 def load_test(engine: Engine, names: list[str], clients: int, requests: int, new: int) -> dict:
-    import uvicorn
-
     from deltatune.serve.api import create_app
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    server = contextlib.ExitStack()  # the server runs until server.close() below
+    port = server.enter_context(local_server(create_app(engine), log_level="warning"))
     url = f"http://127.0.0.1:{port}/v1/completions"
 
     def one(i: int):
@@ -189,8 +182,7 @@ def load_test(engine: Engine, names: list[str], clients: int, requests: int, new
         results = warm + list(ex.map(one, range(len(warm), requests)))
     wall = time.perf_counter() - t0
     rss_max = sampler.stop()
-    server.should_exit = True
-    thread.join(timeout=30)
+    server.close()
     lat = sorted(r[0] for r in results[len(warm):] or results)
     errors = [r[1] for r in results if r[1]]
     m = engine.metrics()

@@ -19,15 +19,14 @@ It reports p50/p99 latency, tokens/s and the CPU model, and writes ``--out`` (JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +41,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import deltatune  # noqa: E402
 from deltatune.serve import Engine  # noqa: E402
+from deltatune.serve.local import local_server  # noqa: E402
 from deltatune.utils.io import write_text_atomic  # noqa: E402
 from machine import machine_info  # noqa: E402  (bench/ is on sys.path when this script runs)
 from serve_multi_lora import TEXT, RssSampler, make_adapters, rss_mb  # noqa: E402
@@ -132,8 +132,6 @@ def main() -> int:
 
 
 def run(args, root: Path) -> dict:
-    import uvicorn
-
     from deltatune.serve.api import create_app
 
     rng = random.Random(args.seed)
@@ -141,14 +139,8 @@ def run(args, root: Path) -> dict:
     broken = corrupt(root, names, args.malformed, rng)
     engine = Engine(deltatune.load_model(args.model), root, deltatune.load_tokenizer(args.model), max_batch=min(args.clients, 32), max_len=256,
                     lora_slots=args.slots, max_lora_rank=args.rank)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+    server = contextlib.ExitStack()  # the server runs until server.close() below
+    url = f"http://127.0.0.1:{server.enter_context(local_server(create_app(engine)))}/v1/completions"
     plan = [(rng.choice(names), TEXT[: 120 + rng.randrange(120)]) for _ in range(args.requests)]
 
     def one(i: int):
@@ -169,8 +161,7 @@ def run(args, root: Path) -> dict:
     wall = time.perf_counter() - t0
     rss_max = sampler.stop()
     metrics = engine.metrics()
-    server.should_exit = True
-    thread.join(timeout=30)
+    server.close()
 
     good = [r for r in results if r[0] not in broken]
     bad = [r for r in results if r[0] in broken]

@@ -1,7 +1,12 @@
-"""Helpers shared by tests (tiny configs, delta randomisation)."""
+"""Helpers shared by tests: tiny configs and models, delta randomisation, ../shared/data, an exact-match reference."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+# The shared data sets live beside the repository (../shared/data), wherever it is cloned.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def tiny_llama_config(**overrides):
@@ -66,3 +71,39 @@ def save_tiny_bert(path, seed: int = 0):
     BertModel(tiny_bert_config(vocab_size=len(tokenizer), pad_token_id=0)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def greedy_answers(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
+    """Each prompt's greedy continuation, one prompt at a time with plain ``generate`` (no batching,
+    no padding): an independent reference for the exact-match scores that evaluation reports."""
+    answers = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def greedy_exact_match(model, tokenizer, rows, max_new_tokens: int) -> float:
+    """The share of ``rows`` ({"prompt", "response"}) whose greedy answer is the response."""
+    answers = greedy_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
+    return sum(a == r["response"] for a, r in zip(answers, rows)) / len(rows)
+
+
+def write_constant_answer_task(root) -> tuple[Path, Path, list[dict]]:
+    """Prompt/response files a tiny model learns in a few steps: every training answer is "7".
+
+    Half the eval references are "7" and half "8", so a model that learned the task scores
+    exactly 0.5 and the untrained one 0.0. Returns (train path, eval path, eval rows).
+    """
+    import json
+
+    root = Path(root)
+    g = torch.Generator().manual_seed(0)
+    train = [{"prompt": f"{a}+{b}=", "response": "7"} for a, b in torch.randint(10, 99, (96, 2), generator=g).tolist()]
+    evals = [{"prompt": f"{a}+{a}=", "response": "7" if a % 2 else "8"} for a in range(10, 26)]
+    paths = root / "constant_train.jsonl", root / "constant_eval.jsonl"
+    for path, rows in zip(paths, (train, evals)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return *paths, evals

@@ -72,17 +72,27 @@ def test_train_print_config_and_unknown_override():
 
 
 def test_eval_command_with_adapter(tmp_path):
-    from tests.helpers import save_tiny_lm
+    import json
+
+    from tests.helpers import greedy_answers, randomize_delta, save_tiny_lm
 
     model_dir = save_tiny_lm(tmp_path / "lm")
-    base = deltatune.load_model(model_dir)
-    deltatune.attach(base, {"method": "lora", "r": 2}).save_delta(tmp_path / "ad")
+    tokenizer = deltatune.load_tokenizer(model_dir)
+    model = deltatune.attach(deltatune.load_model(model_dir), {"method": "lora", "r": 2})
+    randomize_delta(model, std=0.1)
+    model.save_delta(tmp_path / "ad")
+    prompts = ["1+2=", "2+2="]
+    # References: the adapter's own greedy answers, computed here one prompt at a time.
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=2)
+    with model.disable():
+        base_answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=2)
+    assert all(a != b for a, b in zip(answers, base_answers))  # the adapter changes every answer
     data = tmp_path / "eval.jsonl"
-    data.write_text('{"prompt": "1+2=", "response": "3"}\n{"prompt": "2+2=", "response": "4"}\n')
+    data.write_text("".join(json.dumps({"prompt": p, "response": a}) + "\n" for p, a in zip(prompts, answers)))
     r = cli("eval", "--model", str(model_dir), "--adapter", str(tmp_path / "ad"), "--data", str(data),
             "--template", "plain", "--metric", "exact_match", "--max-new-tokens", "2", "--json")
     assert r.returncode == 0, r.stderr
-    import json
-
-    metrics = json.loads(r.stdout.strip().splitlines()[-1])
-    assert metrics["n"] == 2 and 0.0 <= metrics["exact_match"] <= 1.0 and metrics["loss"] > 0
+    tuned = json.loads(r.stdout.strip().splitlines()[-1])
+    base = tuned["base_task"]  # the same data scored with the delta disabled
+    assert (tuned["n"], tuned["exact_match"], base["exact_match"]) == (2, 1.0, 0.0)
+    assert tuned["loss"] < base["loss"]  # the references are the adapter's likeliest tokens

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import deltatune
 from deltatune.algebra.merge import run_merge
 from deltatune.algebra.recipe import parse_recipe
 from deltatune.algebra.soup import Evaluator
+from tests.helpers import SHARED_DATA
 
-SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
+SST2 = SHARED_DATA / "sst2"
 DEV_EXAMPLES = 300  # the first 300 dev sentences: keeps six evaluations affordable on CPU
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="SST-2 not in ../shared/data")]
 
@@ -50,10 +52,32 @@ def test_soups_of_sst2_fine_tunes_beat_the_mean(tmp_path):
         "eval": {"data": str(dev), "task": "sequence-classification", "metric": "accuracy", "batch_size": 128, "max_examples": DEV_EXAMPLES},
         "output": {"path": str(tmp_path / "greedy")},
     }), log=lambda *a: None)
-    individual = list(report["individual"].values())
-    mean = sum(individual) / len(individual)
-    assert report["soup"] >= max(individual) >= mean
     run_merge(parse_recipe({"inputs": [{"path": str(p)} for p in fts], "method": "linear", "output": {"path": str(tmp_path / "uniform")}}))
-    uniform = Evaluator(tmp_path / "uniform", dev, "sequence-classification", max_examples=DEV_EXAMPLES, batch_size=128).score()["accuracy"]
-    print(f"SST-2 dev accuracy: inputs {individual}, mean {mean:.4f}, uniform soup {uniform:.4f}, greedy soup {report['soup']:.4f}")
+
+    # The report's numbers, measured again: every input and both soups scored as models of their own.
+    def accuracy(model_dir: Path, state: dict | None = None) -> float:
+        evaluator = Evaluator(model_dir, dev, "sequence-classification", max_examples=DEV_EXAMPLES, batch_size=128)
+        return evaluator.score(state)["accuracy"]
+
+    individual = {str(p): accuracy(p) for p in fts}
+    greedy, uniform = accuracy(tmp_path / "greedy"), accuracy(tmp_path / "uniform")
+    mean = sum(individual.values()) / len(individual)
+    print(f"SST-2 dev accuracy: inputs {list(individual.values())}, mean {mean:.4f}, uniform soup {uniform:.4f}, "
+          f"greedy soup {greedy:.4f} of {len(report['members'])}")
+    assert report["individual"] == individual and report["soup"] == greedy
     assert uniform >= mean
+
+    def mean_weights(paths) -> dict[str, torch.Tensor]:
+        tensors = [load_file(str(Path(p) / "model.safetensors")) for p in paths]
+        return {k: sum(t[k] for t in tensors) / len(tensors) for k in tensors[0]}
+
+    # The greedy soup is the mean of its members' weights, and each input it left out lowered the
+    # score of the soup it was tried with (inputs tried best first).
+    soup, want = load_file(str(tmp_path / "greedy" / "model.safetensors")), mean_weights(report["members"])
+    assert soup.keys() == want.keys() and all(torch.allclose(soup[k], want[k], atol=1e-6) for k in soup)
+    chosen, best = [], -1.0
+    for p in sorted(individual, key=lambda p: -individual[p]):
+        score = accuracy(fts[0], mean_weights([*chosen, p]))
+        if score >= best:
+            chosen, best = [*chosen, p], score
+    assert report["members"] == chosen and best == greedy

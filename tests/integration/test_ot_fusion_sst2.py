@@ -21,8 +21,9 @@ import torch
 
 import deltatune
 from deltatune.algebra.ot_fusion import ot_fuse, relabelled
+from tests.helpers import SHARED_DATA
 
-SST2 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sst2"
+SST2 = SHARED_DATA / "sst2"
 STEPS = int(os.environ.get("DELTATUNE_OT_STEPS", "30"))
 BATCH = int(os.environ.get("DELTATUNE_OT_BATCH", "16"))
 N_EVAL = int(os.environ.get("DELTATUNE_OT_EVAL", "400"))

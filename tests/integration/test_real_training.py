@@ -6,9 +6,9 @@ import pytest
 from deltatune.cli.train_cmd import default_recipe
 from deltatune.train.config import load_recipe
 from deltatune.train.loop import train
+from tests.helpers import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-ALPACA = SHARED / "alpaca_en_demo" / "alpaca_en_demo.json"
+ALPACA = SHARED_DATA / "alpaca_en_demo" / "alpaca_en_demo.json"
 
 pytestmark = pytest.mark.slow
 

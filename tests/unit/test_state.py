@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,11 +44,30 @@ def test_load_twice_gets_new_name(tiny_llama, tmp_path):
     assert again is model and sorted(model.delta_configs) == ["ad", "default"] and model.active == ["ad"]
 
 
-def test_save_overwrites_atomically(tiny_llama, tmp_path):
+def test_save_overwrites_atomically(tiny_llama, tmp_path, monkeypatch):
     model = deltatune.attach(tiny_llama, {"method": "lora", "targets": "q_proj"})
+    randomize_delta(model, seed=1)
     model.save_delta(tmp_path / "d")
-    model.save_delta(tmp_path / "d")
+    saved = {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()}
+    randomize_delta(model, seed=2)
+    write_text = Path.write_text
+
+    def disk_full_in_last_file(path, text, *args, **kwargs):
+        if path.name == "deltatune.json":  # the last file of a save: the new weights are written by now
+            write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full_in_last_file)
+    with pytest.raises(OSError, match="No space left on device"):
+        model.save_delta(tmp_path / "d")
+    monkeypatch.undo()
+    # The failed save left the previous delta byte for byte, and no temporary files beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()} == saved
+    model.save_delta(tmp_path / "d")  # a save that completes replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert (tmp_path / "d" / "adapter_model.safetensors").read_bytes() != saved["adapter_model.safetensors"]
 
 
 def test_wrong_base_shape(tiny_llama, tmp_path):
@@ -82,3 +102,28 @@ def test_corrupt_and_missing_files(tiny_llama, tmp_path):
     (tmp_path / "d" / "deltatune.json").write_text("{bad")
     with pytest.raises(DeltaFileError, match=r"deltatune.json: not valid JSON"):
         deltatune.load_delta(tiny_llama, tmp_path / "d")
+
+
+def test_atomic_dir_restores_the_old_directory_when_the_final_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    from deltatune.utils.io import atomic_dir
+
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "f").write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the temp directory onto the target
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        with atomic_dir(target) as tmp:
+            (tmp / "f").write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (target / "f").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["d"]

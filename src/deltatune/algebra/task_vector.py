@@ -208,7 +208,8 @@ class AdapterInput:
         try:
             a, b = self._loaded_branch(module, base).low_rank_factors()
         except CapabilityError as err:
-            raise ConfigError(f"input {str(self.path)!r}: the {self.method.name} delta at module {module!r} has no exact low-rank factors ({err}); write a HF model directory instead") from None
+            raise ConfigError(f"input {str(self.path)!r}: the {self.method.name} delta at module {module!r} has no exact low-rank factors ({err}); "
+                              "write a HF model directory instead") from None
         return a.float(), b.float()
 
     @torch.no_grad()

@@ -14,6 +14,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 from deltatune.utils.errors import DeltaFileError
 from deltatune.utils.io import write_json_atomic
 
@@ -58,6 +60,19 @@ def directory_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def stored_parameters(path: str | Path) -> int:
+    """Numbers stored in the safetensors files under ``path`` (read from their headers, no tensor loaded)."""
+    total = 0
+    for file in Path(path).rglob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for dim in f.get_slice(key).get_shape():
+                    n *= dim
+                total += n
+    return total
+
+
 def write_ledger(run_dir: str | Path, ledger: CostLedger) -> Path:
     path = Path(run_dir) / LEDGER_FILE
     write_json_atomic(path, ledger.to_json())
@@ -66,13 +81,17 @@ def write_ledger(run_dir: str | Path, ledger: CostLedger) -> Path:
 
 def read_ledger(run_dir: str | Path) -> dict | None:
     """The run's ledger as written (derived fields included), or None when the run has none."""
-    path = Path(run_dir) / LEDGER_FILE
+    return read_json_object(Path(run_dir) / LEDGER_FILE, "cost ledger")
+
+
+def read_json_object(path: Path, what: str) -> dict | None:
+    """A JSON object file of a run (None when absent); unreadable or not an object is a one-line error."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DeltaFileError(f"{path}: not a readable cost ledger ({err})") from None
+        raise DeltaFileError(f"{path}: not a readable {what} ({err})") from None
     if not isinstance(data, dict):
         raise DeltaFileError(f"{path}: expected a JSON object")
     return data

@@ -20,22 +20,10 @@ import io
 import json
 from pathlib import Path
 
-from deltatune.evaluation.ledger import read_ledger
+from deltatune.evaluation.ledger import read_json_object, read_ledger
 from deltatune.utils.errors import DataError
 
 HIGHER_IS_BETTER = ("exact_match", "numeric_accuracy", "accuracy", "macro_f1")
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
 
 
 def primary(metrics: dict) -> tuple[str, bool] | None:
@@ -53,8 +41,8 @@ def load_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {str(run_dir)!r} does not exist")
-    measured = _read_json(run_dir / "eval.json")
-    summary = _read_json(run_dir / "summary.json")
+    measured = read_json_object(run_dir / "eval.json", "eval record")
+    summary = read_json_object(run_dir / "summary.json", "run summary")
     if measured is not None:  # deltatune eval's record: task metrics at the top level
         tuned, base = {k: v for k, v in measured.items() if k in HIGHER_IS_BETTER + ("loss",)}, measured.get("base_task") or {}
     elif summary is not None:

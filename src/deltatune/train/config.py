@@ -111,6 +111,9 @@ class TrainLoopConfig(StrictConfig):
     malloc_mmap_threshold_mb: float | None = Field(None, gt=0)
     progress: bool = True
     token_selection: TokenSelectionConfig | None = None
+    # Where the training log goes besides runs/<name>/metrics.jsonl: "tensorboard" also writes
+    # event files to runs/<name>/tensorboard (needs the tensorboard package).
+    report_to: Literal["none", "tensorboard"] = "none"
 
 
 class EvalConfig(StrictConfig):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from deltatune.evaluation.answers import FINAL_ANSWER, numeric_accuracy
 from deltatune.utils.errors import ConfigError, DataError
 
 
@@ -75,6 +76,7 @@ def exact_match(
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     predictions: list[str] = [""] * len(texts)
+    generations: list[str] = [""] * len(texts)  # whole, before normalize_answer: GSM8K's "#### n" follows the reasoning
     device = _device_of(model)
 
     with _left_padding(tokenizer) as pad_token_id, _eval_mode(model), torch.no_grad():
@@ -100,12 +102,15 @@ def exact_match(
             new_tokens = sequences[:, input_ids.shape[1] :]
             decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for i, text in zip(rows, decoded):
-                predictions[i] = normalize_answer(text)
+                predictions[i], generations[i] = normalize_answer(text), text
             bar.update(len(rows))
         bar.close()
 
     correct = sum(p == normalize_answer(ex["response"]) for p, ex in zip(predictions, examples))
-    return {"exact_match": correct / len(examples), "n": len(examples), "predictions": predictions}
+    result = {"exact_match": correct / len(examples), "n": len(examples), "predictions": predictions, "generations": generations}
+    if any(FINAL_ANSWER.search(ex["response"]) for ex in examples):  # GSM8K-style references: score the final number too
+        result["numeric_accuracy"] = numeric_accuracy(generations, [ex["response"] for ex in examples])
+    return result
 
 
 def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltatune.data import iter_batches, make_collator
+from deltatune.evaluation.ledger import LEDGER_FILE, CostLedger, directory_bytes, stored_parameters, write_ledger
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TrainRecipe, recipe_to_yaml
 from deltatune.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, slice_batch, to_device
@@ -79,13 +80,15 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
     parts = {"optimizer": optimizer, "scheduler": scheduler, **({"selector": selector} if selector is not None else {})}
 
     start, early = 0, {"best": None, "bad_evals": 0}
+    totals = {"train_seconds": 0.0, "tokens": 0, "examples": 0}  # for the cost ledger, carried across resumes
     if resume:
         if info.is_main:
             ckpt.remove_partial(run_dir)
         state = ckpt.load_checkpoint(run_dir, model, trainable, parts)
         stream.load_state_dict(state["data"])
-        start, early = state["step"], state.get("early", early)
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None) if info.is_main else None
+        start, early, totals = state["step"], state.get("early", early), state.get("totals", totals)
+    tensorboard = run_dir / "tensorboard" if cfg.report_to == "tensorboard" else None
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None, tensorboard=tensorboard) if info.is_main else None
     say = print if info.is_main else (lambda *a, **k: None)
     say(f"run: {run_dir}  |  {data.report.summary()}")
     if hasattr(model, "format_parameter_report"):
@@ -152,6 +155,9 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                 last_loss = all_reduce_sum(loss_total, info).item() / max(total_targets, 1.0)
                 seconds = time.perf_counter() - t0
                 tokens = all_reduce_sum(torch.tensor(float(sum(real_tokens(b) for b in micro))), info).item()
+                totals["train_seconds"] += seconds
+                totals["tokens"] += int(tokens)
+                totals["examples"] += int(all_reduce_sum(torch.tensor(float(sum(batch_examples(b) for b in micro))), info).item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
                 if log and (step % cfg.log_every == 0 or step == cfg.max_steps or step == start + 1):
@@ -166,13 +172,13 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                     say(f"early stopping at step {step}: no improvement in {cfg.early_stopping_patience} evaluations")
                     break
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, cfg.keep_last)
+                _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, totals, cfg.keep_last)
             if stop_after is not None and step >= start + stop_after:
-                _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, cfg.keep_last)
+                _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, totals, cfg.keep_last)
                 return {"step": step, "stopped": True, "loss": last_loss}
     except KeyboardInterrupt:
         # No barrier here: the other processes may be inside a collective and never reach it.
-        _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, cfg.keep_last, sync=False)
+        _checkpoint(info, run_dir, step, model, trainable, parts, data_state, early, totals, cfg.keep_last, sync=False)
         say(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume {run_dir}")
         raise
     finally:
@@ -191,10 +197,28 @@ def train(recipe: TrainRecipe, resume: str | Path | None = None, stop_after: int
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
         plot_loss_curve(log.rows, run_dir / "loss.png", f"{recipe.model.name} · {recipe.output.name}")
-        result.update(adapter=str(delta_dir), plot=str(run_dir / "loss.png"))
+        log.close()
+        write_ledger(run_dir, cost_ledger(model, trainable, delta_dir, step, totals))
+        result.update(adapter=str(delta_dir), plot=str(run_dir / "loss.png"), cost=str(run_dir / LEDGER_FILE))
         write_json_atomic(run_dir / "summary.json", result)
     barrier(info)
     return result
+
+
+def cost_ledger(model, trainable: list[str], saved_dir: Path, steps: int, totals: dict) -> CostLedger:
+    """What the run cost; ``stored_params`` counts the tensors actually saved (the delta, or the whole model)."""
+    params = dict(model.named_parameters())
+    return CostLedger(trainable_params=sum(params[n].numel() for n in trainable if n in params),
+                      total_params=sum(p.numel() for p in params.values()), stored_params=stored_parameters(saved_dir),
+                      delta_bytes=directory_bytes(saved_dir), train_seconds=totals["train_seconds"], steps=steps,
+                      tokens=totals["tokens"], examples=totals["examples"], peak_rss_mb=peak_rss_mb())
+
+
+def batch_examples(batch: dict) -> int:
+    """Examples in a collated batch (a packed row holds several: its ``lengths``)."""
+    if "lengths" in batch:
+        return sum(len(row) for row in batch["lengths"])
+    return int(batch["input_ids"].shape[0])
 
 
 def real_tokens(batch: dict) -> int:
@@ -204,9 +228,9 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def _checkpoint(info: DistInfo, run_dir, step, model, trainable, parts, data_state, early, keep_last, sync=True) -> None:
+def _checkpoint(info: DistInfo, run_dir, step, model, trainable, parts, data_state, early, totals, keep_last, sync=True) -> None:
     if info.is_main:
-        ckpt.save_checkpoint(run_dir, step, model, trainable, parts, {"data": data_state, "early": early}, keep_last)
+        ckpt.save_checkpoint(run_dir, step, model, trainable, parts, {"data": data_state, "early": early, "totals": totals}, keep_last)
     if sync:
         barrier(info)
 
@@ -264,6 +288,8 @@ def evaluate(model, objective, data, recipe: TrainRecipe, tokenizer) -> dict[str
         em = exact_match(model, tokenizer, data.generation_examples, max_new_tokens=recipe.eval.max_new_tokens,
                          batch_size=recipe.eval.batch_size, add_special_tokens=add_special, progress=recipe.train.progress)
         metrics["exact_match"] = em["exact_match"]
+        if "numeric_accuracy" in em:
+            metrics["numeric_accuracy"] = em["numeric_accuracy"]
     model.train(was_training)
     return metrics
 
@@ -271,5 +297,5 @@ def evaluate(model, objective, data, recipe: TrainRecipe, tokenizer) -> dict[str
 def format_metrics(metrics: dict[str, float]) -> str:
     parts = []
     for key, value in metrics.items():
-        parts.append(f"{key} {100 * value:.1f}%" if key in ("exact_match", "accuracy", "macro_f1") else f"{key} {value:.4f}")
+        parts.append(f"{key} {100 * value:.1f}%" if key in ("exact_match", "numeric_accuracy", "accuracy", "macro_f1") else f"{key} {value:.4f}")
     return ", ".join(parts)

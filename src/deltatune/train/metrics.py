@@ -5,6 +5,7 @@ import json
 import resource
 from pathlib import Path
 
+from deltatune.utils.errors import ConfigError
 from deltatune.utils.io import atomic_path
 
 
@@ -28,11 +29,21 @@ def peak_rss_mb() -> float:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, lines after the checkpoint's step are dropped."""
+    """Append-only ``metrics.jsonl``; on resume, lines after the checkpoint's step are dropped.
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    ``tensorboard``: a directory for TensorBoard event files as well (one scalar per numeric field,
+    at the row's step), written with TensorBoard's own writer."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: Path | None = None):
         self.path = path
         self.rows: list[dict] = []
+        self.writer = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional: only with train.report_to: tensorboard
+            except ImportError:
+                raise ConfigError("train.report_to: tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(log_dir=str(tensorboard), purge_step=resume_step + 1 if resume_step is not None else None)
         if resume_step is not None and path.exists():
             for line in path.read_text().splitlines():
                 row = json.loads(line)
@@ -47,6 +58,15 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}", value, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_loss_curve(rows: list[dict], path: Path, title: str) -> None:

@@ -69,8 +69,18 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
+        try:
+            os.replace(path, old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    try:
+        os.replace(tmp, path)
+    except BaseException:  # the new copy could not take its place: put the old one back, leave no temp
+        if old is not None:
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

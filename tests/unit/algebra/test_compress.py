@@ -68,7 +68,10 @@ def test_compressed_delta_loads_merges_and_is_small(adapter, tmp_path):
     # … and the merge engine takes it like any other delta (through the method's merge()).
     run_merge(parse_recipe({"base": str(base), "inputs": [{"path": str(tmp_path / "c")}], "method": "task_arithmetic", "output": {"path": str(tmp_path / "m")}}))
     assert (logits(deltatune.load_model(tmp_path / "m")) - out).abs().max() < 1e-4
-    assert weights(tmp_path / "m").keys()
+    merged, b = weights(tmp_path / "m"), weights(base)
+    assert merged.keys() == b.keys()  # a full model under the base's own names
+    changed = {k for k in b if not torch.equal(merged[k], b[k])}
+    assert changed == {k for k in b if k.endswith("_proj.weight")}  # exactly the LoRA's all-linear targets
 
 
 @pytest.mark.parametrize("density", [0.0, 1.5, -0.1])

@@ -7,24 +7,7 @@ import torch
 from deltatune.algebra.lines import lines_factor
 from deltatune.algebra.ops import OpParams, generalized_task_arithmetic, get_op, magnitude_mask
 from deltatune.utils.errors import ConfigError
-
-
-def naive_ties(tasks, weights, density):
-    """TIES by hand: trim each τ to its top-k |entries|, elect the sign of Σ w τ, weighted mean of agreeing entries."""
-    trimmed = []
-    for t in tasks:
-        flat = t.reshape(-1)
-        k = int(density * flat.numel())
-        keep = set(sorted(range(flat.numel()), key=lambda i: -abs(flat[i].item()))[:k])
-        trimmed.append([flat[i].item() if i in keep else 0.0 for i in range(flat.numel())])
-    out = []
-    for j in range(len(trimmed[0])):
-        s = sum(w * t[j] for w, t in zip(weights, trimmed))
-        sign = 1.0 if s >= 0 else -1.0
-        num = sum(w * t[j] for w, t in zip(weights, trimmed) if t[j] != 0 and (w * t[j] > 0) == (sign > 0))
-        den = sum(w for w, t in zip(weights, trimmed) if t[j] != 0 and (w * t[j] > 0) == (sign > 0))
-        out.append(num / den if den else 0.0)
-    return torch.tensor(out).view_as(tasks[0])
+from tests.unit.algebra.helpers_algebra import naive_ties
 
 
 def test_ties_matches_naive_reference():

@@ -9,8 +9,7 @@ import pytest
 from deltatune.core.config import validate_config
 from deltatune.data import DataConfig, build_datasets, make_collator
 from deltatune.utils.errors import ConfigError, DataError
-
-SHARED = Path("/work/shared/data")
+from tests.helpers import SHARED_DATA
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -80,7 +79,7 @@ def test_packing_builds_rows(tmp_path, plain_tokenizer):
     assert report.packed_rows == len(rows) < 12
     assert sum(sum(r["lengths"]) for r in rows) == report.train_tokens
     assert all(len(r["input_ids"]) <= 32 for r in rows)
-    assert 0 < report.packing_efficiency <= 1
+    assert report.packing_efficiency == report.train_tokens / (len(rows) * 32)  # real tokens / row capacity
     batch = make_collator(plain_tokenizer, packing=True)(rows[:2])
     assert batch["attention_mask"].dim() == 4
     rows_again, _, _ = build_datasets(cfg, plain_tokenizer, seed=0)
@@ -109,9 +108,9 @@ def test_config_validation():
         validate_config(DataConfig, {"format": "classification", "packing": True})
 
 
-@pytest.mark.skipif(not (SHARED / "alpaca_en_demo/alpaca_en_demo.json").exists(), reason="shared data not present")
+@pytest.mark.skipif(not (SHARED_DATA / "alpaca_en_demo/alpaca_en_demo.json").exists(), reason="shared data not present")
 def test_real_alpaca_file(bert_tokenizer):
-    path = SHARED / "alpaca_en_demo/alpaca_en_demo.json"
+    path = SHARED_DATA / "alpaca_en_demo/alpaca_en_demo.json"
     cfg = DataConfig(path=str(path), max_examples=50, max_length=256, eval_fraction=0.1)
     train, evaluation, report = build_datasets(cfg, bert_tokenizer, seed=0)
     assert (report.format, report.records_read, len(train), len(evaluation), report.skipped) == ("instruction", 50, 45, 5, 0)
@@ -119,9 +118,9 @@ def test_real_alpaca_file(bert_tokenizer):
     assert all(any(lab != -100 for lab in e["labels"]) for e in train)
 
 
-@pytest.mark.skipif(not (SHARED / "sst2/validation.tsv").exists(), reason="shared data not present")
+@pytest.mark.skipif(not (SHARED_DATA / "sst2/validation.tsv").exists(), reason="shared data not present")
 def test_real_sst2_tsv(bert_tokenizer):
-    cfg = DataConfig(path=str(SHARED / "sst2/validation.tsv"), max_examples=200)
+    cfg = DataConfig(path=str(SHARED_DATA / "sst2/validation.tsv"), max_examples=200)
     train, _, report = build_datasets(cfg, bert_tokenizer)
     assert (report.format, report.num_labels, len(train)) == ("classification", 2, 200)
     assert {e["label"] for e in train} == {0, 1}

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
 from deltatune.select import run_selection
+from tests.helpers import SHARED_DATA
 from tests.unit.select.helpers import recipe, write_jsonl
 
-AG = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "ag_news"
+AG = SHARED_DATA / "ag_news"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (AG / "test.tsv").exists(), reason="../shared/data/ag_news is not present")]
 
 

@@ -12,7 +12,6 @@ import json
 import random
 import shutil
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltatune
+from deltatune.serve.local import local_server
 from tests.helpers import randomize_delta
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -58,20 +58,8 @@ def server(served, tmp_path_factory):
     tok = deltatune.load_tokenizer(base)
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     engine = Engine(deltatune.load_model(base, task="causal-lm"), root, tok, max_batch=4, max_len=48, lora_slots=2, max_lora_rank=8, name="tiny")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, KEY, max_body_bytes=MAX_BODY), log_level="critical", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield port, engine, str(root.parent)
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with local_server(create_app(engine, KEY, max_body_bytes=MAX_BODY)) as port:
+        yield port, engine, str(root.parent)
 
 
 def post(port, path, body, key=KEY, headers=None, timeout=TIMEOUT):
