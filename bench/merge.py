@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from machine import machine_info  # bench/ is on sys.path when this script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 MEASURE = (
@@ -87,7 +89,10 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--workdir", default="/tmp/deltatune-bench-merge")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="write the results (with the machine they ran on) as JSON here, atomically")
     args = ap.parse_args()
+    if not PEERS_PY.exists():
+        ap.error(f"{PEERS_PY} is missing: run 'make peers' first (mergekit lives in its own venv)")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     base, fts = make_checkpoints(work)
@@ -125,7 +130,12 @@ def main() -> None:
     c = results["compare"]
     print(f"max |weight diff| {c['max_abs_weight_diff']:.3g}, max |logit diff| {c['max_abs_logit_diff']:.3g} "
           f"(the merge moves logits by up to {c['logit_change_vs_base']:.3g} from the base)")
+    results.update(config={"density": args.density, "weights": weights, "threads": args.threads}, machine=machine_info())
     print(json.dumps(results))
+    if args.out:
+        from deltatune.utils.io import write_json_atomic
+
+        write_json_atomic(args.out, results)
 
 
 if __name__ == "__main__":
