@@ -93,7 +93,9 @@ def test_right_answers_score_one_and_keep_order():
     tok = _tokenizer()
     model = StubModel(tok, {ex["prompt"]: ex["response"] for ex in EXAMPLES})
     result = exact_match(model, tok, EXAMPLES, batch_size=2, progress=False)
+    generations = result.pop("generations")
     assert result == {"exact_match": 1.0, "n": 5, "predictions": ["3", "579", "42", "1000", "10"]}
+    assert [g.strip() for g in generations] == result["predictions"]  # whole generations, before normalize_answer
     assert tok.padding_side == "right"  # restored
     assert model.training is True  # restored after eval mode
 
@@ -197,3 +199,11 @@ def test_left_padded_batch_matches_unbatched_greedy_on_tiny_llama():
     direct = normalize_answer(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     assert batched["predictions"][1] == direct
     assert model.training is True  # exact_match restored train mode
+
+
+def test_gsm8k_references_get_numeric_accuracy_from_the_whole_generation():
+    tok = _tokenizer()
+    examples = [{"prompt": "1+2=", "response": "1 plus 2\n#### 3"}, {"prompt": "2+2=", "response": "#### 4"}]
+    model = StubModel(tok, {"1+2=": "so\n#### 3", "2+2=": "#### 5"})
+    result = exact_match(model, tok, examples, batch_size=2, progress=False, max_new_tokens=20)
+    assert result["numeric_accuracy"] == 0.5 and result["exact_match"] == 0.0
